@@ -1,0 +1,1 @@
+"""rdcd.export: ONNX, Core ML, TensorRT and OpenVINO artifacts described in ``manifest.json``."""

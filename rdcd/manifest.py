@@ -1,0 +1,123 @@
+"""``manifest.json``: the description of every artifact in an export directory. No torch here.
+
+Schema (version 1)::
+
+    {
+      "schema": 1,
+      "rdcd_version": "0.1.0",
+      "created": "2026-11-23T12:00:00Z",
+      "source": {"kind": "student" | "teacher", "checkpoint": "runs/x", "sha256": "...", "model": {...}},
+      "preprocess": {"size": 224, "mean": [...], "std": [...], "resize": "stretch-bilinear", ...},
+      "artifacts": [
+        {
+          "name": "onnx-fp32",                      # unique within the manifest
+          "target": "onnx" | "tensorrt" | "coreml" | "openvino",
+          "precision": "fp32" | "fp16" | "int8" | "w8a8" | "w8",
+          "path": "model.onnx",                     # relative to the export directory
+          "runtime": "onnxruntime",                 # what runs it
+          "input":  {"name": "image", "layout": "NHWC", "dtype": "uint8", "size": [224, 224], "shape": ["batch", 224, 224, 3]},
+          "output": {"name": "descriptor", "dim": 128},
+          "produced_by": {"tool": "...", "versions": {...}, "options": {...}, "command": "..."},
+          "reference": "onnx-fp32",                 # FP32 counterpart for accuracy deltas (quantized artifacts)
+          "status": "ok" | "not_checkable" | "failed",
+          "reason": "...",                          # why not checkable / why failed
+          "parity": {"reference": "pytorch-fp32", "min_cos": 0.9999, "mean_cos": 0.99999, "images": 16},
+          "sha256": "...", "size_bytes": 123
+        }
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from rdcd import __version__
+from rdcd.errors import RdcdError
+from rdcd.fsutil import write_json
+
+MANIFEST = "manifest.json"
+TARGETS = ("onnx", "tensorrt", "coreml", "openvino")
+PRECISIONS = ("fp32", "fp16", "int8", "w8a8", "w8")
+STATUSES = ("ok", "not_checkable", "failed")
+REQUIRED = ("name", "target", "precision", "path", "input", "output", "produced_by", "status")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def io_spec(size: int, dim: int, input_name: str = "image", output_name: str = "descriptor",
+            batch: int | str = "batch") -> tuple[dict, dict]:
+    return ({"name": input_name, "layout": "NHWC", "dtype": "uint8", "size": [size, size],
+             "shape": [batch, size, size, 3]},
+            {"name": output_name, "dim": dim})
+
+
+class Manifest:
+    def __init__(self, directory: str | os.PathLike, data: dict[str, Any] | None = None):
+        self.dir = Path(directory)
+        self.data = data or {"schema": 1, "rdcd_version": __version__, "created": now(), "source": {},
+                             "preprocess": {}, "artifacts": []}
+
+    @property
+    def path(self) -> Path:
+        return self.dir / MANIFEST
+
+    @property
+    def artifacts(self) -> list[dict[str, Any]]:
+        return self.data["artifacts"]
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise RdcdError(f"export directory not found: {directory}")
+        if not path.exists():
+            raise RdcdError(f"no {MANIFEST} in {directory}: run rdcd-export first")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RdcdError(f"malformed {path}: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("artifacts"), list):
+            raise RdcdError(f"malformed {path}: no 'artifacts' list")
+        for i, art in enumerate(data["artifacts"]):
+            missing = [k for k in REQUIRED if k not in art]
+            if missing:
+                raise RdcdError(f"malformed {path}: artifact {i} lacks {', '.join(missing)}")
+        return cls(directory, data)
+
+    @classmethod
+    def load_or_new(cls, directory: str | os.PathLike) -> "Manifest":
+        return cls.load(directory) if (Path(directory) / MANIFEST).exists() else cls(directory)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return next((a for a in self.artifacts if a["name"] == name), None)
+
+    def resolve(self, art: dict[str, Any]) -> Path:
+        return self.dir / art["path"]
+
+    def upsert(self, art: dict[str, Any]) -> dict[str, Any]:
+        """Add an artifact, replacing one of the same name; fills sha256/size when the file exists."""
+        missing = [k for k in REQUIRED if k not in art]
+        if missing:
+            raise ValueError(f"artifact {art.get('name')} lacks {missing}")
+        if art["target"] not in TARGETS or art["precision"] not in PRECISIONS or art["status"] not in STATUSES:
+            raise ValueError(f"bad target/precision/status in {art}")
+        from rdcd.fsutil import sha256, size_bytes
+
+        p = self.resolve(art)
+        if p.exists():
+            art.setdefault("sha256", sha256(p))
+            art.setdefault("size_bytes", size_bytes(p))
+        self.data["artifacts"] = [a for a in self.artifacts if a["name"] != art["name"]] + [art]
+        return art
+
+    def save(self) -> Path:
+        self.data["updated"] = now()
+        return write_json(self.path, self.data)

@@ -1,0 +1,44 @@
+"""Shared fixtures: real images from scikit-image, a tiny DISC benchmark, a tiny real student run.
+
+Nothing here needs ../shared: benchmarks are built from the photos scikit-image ships.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+#: Tests use small inputs so that real models stay fast on a 2-core CPU.
+TEST_SIZE = 96
+
+
+@pytest.fixture(scope="session")
+def skimage_dir() -> Path:
+    skimage = pytest.importorskip("skimage")
+    return Path(skimage.__file__).parent / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_bench(tmp_path_factory) -> Path:
+    """The skimage demo benchmark (about 28 references, 28 queries, 18 training images)."""
+    from rdcd.validate.demo import DemoConfig, build_demo
+
+    return build_demo(tmp_path_factory.mktemp("bench") / "demo", DemoConfig(source="skimage", seed=0))
+
+
+@pytest.fixture(scope="session")
+def student_run(tmp_path_factory) -> Path:
+    """A saved 128-d EfficientNet-Lite0 student (offline ImageNet init, untrained head) at TEST_SIZE."""
+    import torch
+
+    from rdcd.model import StudentConfig, build_student, save_student
+
+    torch.manual_seed(0)
+    cfg = StudentConfig(backbone="efficientnet_lite0", dim=128, input_size=TEST_SIZE)
+    run = tmp_path_factory.mktemp("runs") / "student"
+    save_student(build_student(cfg, pretrained=True).eval(), run, extra={"note": "test fixture"})
+    return run

@@ -1,0 +1,156 @@
+"""Build a DISC2021-layout benchmark from real photos and DISC-style edits.
+
+Sources: ``skimage`` (the photos scikit-image ships, cut into non-overlapping tiles so that there
+are more distinct references; always available, used by the tests) or a folder of images, from
+which a deterministic held-out subset is drawn (the same rule :mod:`rdcd.distill` uses to leave
+those images out of training). Each source image gets one role: reference (some of them with
+edited copies as queries), negative (edited copies as queries that must match nothing), or
+training (background set for whitening and score normalisation). ``sources.csv`` records every
+source file used, its role and the edits applied. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import random
+from pathlib import Path
+
+from PIL import Image
+
+from rdcd.edits import random_edit_chain
+from rdcd.errors import ImageReadError, RdcdError
+from rdcd.fsutil import atomic_path, write_text
+from rdcd.imageio import list_images, read_rgb
+
+log = logging.getLogger(__name__)
+
+#: Photos in scikit-image's data folder that need no download (motorcycle_right, a near-duplicate
+#: of motorcycle_left, is left out on purpose).
+SKIMAGE_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "coins.png", "hubble_deep_field.jpg",
+                  "ihc.png", "rocket.jpg", "retina.jpg", "motorcycle_left.png", "moon.png", "grass.png", "gravel.png",
+                  "brick.png", "clock_motion.png", "page.png", "text.png", "color.png", "logo.png", "cell.png",
+                  "horse.png", "phantom.png", "chessboard_RGB.png", "microaneurysms.png")
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    source: str = "skimage"  # "skimage" or a folder of images
+    holdout: int = 0  # with a folder: use this many held-out images (0 = all)
+    reference_share: float = 0.5
+    positive_share: float = 0.6  # share of references that get edited copies
+    negative_share: float = 0.2
+    queries_per_ref: int = 1
+    tile: int = 256  # skimage: cut photos into at most 2 x 2 tiles of at least this size
+    seed: int = 0
+
+
+def holdout_key(name: str) -> str:
+    """Deterministic order for held-out selection: the sha1 of the file name."""
+    return hashlib.sha1(name.encode()).hexdigest()
+
+
+def holdout_names(folder: str | os.PathLike, count: int) -> list[Path]:
+    """The ``count`` images of ``folder`` held out for benchmarks (first by sha1 of the name)."""
+    paths = list_images(folder)
+    return sorted(paths, key=lambda p: holdout_key(p.name))[:count] if count else paths
+
+
+def _skimage_images(tile: int) -> list[tuple[str, Image.Image]]:
+    try:
+        import skimage
+    except ImportError:
+        raise RdcdError("the skimage demo source needs scikit-image: pip install scikit-image") from None
+    root = Path(skimage.__file__).parent / "data"
+    out = []
+    for name in SKIMAGE_PHOTOS:
+        path = root / name
+        if not path.exists():
+            continue
+        im = read_rgb(path)
+        nx, ny = min(2, max(1, im.width // tile)), min(2, max(1, im.height // tile))
+        if nx * ny == 1:
+            out.append((f"skimage:{name}", im))
+            continue
+        tw, th = im.width // nx, im.height // ny
+        for j in range(ny):
+            for i in range(nx):
+                out.append((f"skimage:{name}#{i},{j}", im.crop((i * tw, j * th, (i + 1) * tw, (j + 1) * th))))
+    return out
+
+
+def _folder_images(folder: str, holdout: int) -> list[tuple[str, Image.Image]]:
+    out = []
+    for p in holdout_names(folder, holdout):
+        try:
+            out.append((str(p), read_rgb(p)))
+        except ImageReadError as exc:
+            log.warning("skipping %s", exc)
+    return out
+
+
+def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), force: bool = False) -> Path:
+    """Write a benchmark to ``out_dir`` (atomically: a half-built benchmark never appears)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        if (out_dir / "ground_truth.csv").exists():
+            log.info("benchmark already at %s", out_dir)
+            return out_dir
+        raise RdcdError(f"{out_dir} exists and is not a benchmark (use --force to replace it)")
+    images = _skimage_images(config.tile) if config.source == "skimage" else _folder_images(config.source, config.holdout)
+    if len(images) < 8:
+        raise RdcdError(f"need at least 8 readable source images, found {len(images)} in {config.source}")
+    rng = random.Random(config.seed)
+    order = list(range(len(images)))
+    rng.shuffle(order)
+    n_ref = max(2, int(round(len(images) * config.reference_share)))
+    n_neg = max(1, int(round(len(images) * config.negative_share)))
+    refs, negs, train = order[:n_ref], order[n_ref: n_ref + n_neg], order[n_ref + n_neg:]
+    positives = refs[: max(1, int(round(n_ref * config.positive_share)))]
+    backgrounds = [images[i][1] for i in train] or [images[i][1] for i in negs]
+
+    with atomic_path(out_dir, suffix="") as tmp:
+        for sub in ("references", "queries", "training"):
+            (tmp / sub).mkdir(parents=True)
+        gt = ["query_id,reference_id"]
+        src = ["role,id,source,edits"]
+        qn = 0
+        for k, i in enumerate(refs):
+            rid = f"R{k:06d}"
+            name, im = images[i]
+            im.save(tmp / "references" / f"{rid}.jpg", quality=95)
+            src.append(f"reference,{rid},{_csv(name)},")
+        for k, i in enumerate(train):
+            tid = f"T{k:06d}"
+            images[i][1].save(tmp / "training" / f"{tid}.jpg", quality=95)
+            src.append(f"training,{tid},{_csv(images[i][0])},")
+        jobs = [(i, refs.index(i)) for i in positives for _ in range(config.queries_per_ref)] + [(i, None) for i in negs]
+        for i, ref_k in jobs:
+            qid = f"Q{qn:05d}"
+            qn += 1
+            edited, names = random_edit_chain(images[i][1], rng, backgrounds=backgrounds)
+            edited.save(tmp / "queries" / f"{qid}.jpg", quality=90)
+            gt.append(f"{qid},{'' if ref_k is None else f'R{ref_k:06d}'}")
+            src.append(f"{'query' if ref_k is not None else 'negative'},{qid},{_csv(images[i][0])},{'+'.join(names)}")
+        write_text(tmp / "ground_truth.csv", "\n".join(gt) + "\n")
+        write_text(tmp / "sources.csv", "\n".join(src) + "\n")
+    log.info("benchmark written to %s: %d references, %d queries (%d negative), %d training",
+             out_dir, len(refs), qn, len(negs), len(train))
+    return out_dir
+
+
+def _csv(s: str) -> str:
+    return f'"{s}"' if ("," in s or '"' in s) else s
+
+
+def used_sources(bench: str | os.PathLike) -> set[str]:
+    """Source image paths a benchmark was built from (to keep them out of training)."""
+    path = Path(bench) / "sources.csv"
+    if not path.exists():
+        return set()
+    import csv
+
+    with open(path, newline="") as fh:
+        return {Path(row["source"]).name for row in csv.DictReader(fh)}

@@ -1,0 +1,86 @@
+"""Resolve what a user names as a model into (embedder, preprocessing spec, label).
+
+* ``teacher`` / ``sscd-onnx``: the offline SSCD teacher (288 x 288); a ``.pt`` TorchScript path works too
+* ``pdq``: the PDQ hash baseline
+* a training run directory or ``.safetensors`` file: the PyTorch student (imports torch)
+* ``student:BACKBONE[:DIM]``: an untrained student (offline ImageNet init where available)
+* an exported artifact (``.onnx``, ``.xml``, ``.engine``, ``.mlpackage``): its runtime, with the input
+  size from the export manifest beside it, the ONNX metadata, or ``size``
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from rdcd.errors import RdcdError
+from rdcd.preprocess import PreprocessSpec
+
+
+def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", threads: int | None = None,
+                  device: str = "cpu") -> tuple[Callable, PreprocessSpec, str]:
+    if spec in ("teacher", "sscd-onnx") or spec.endswith((".pt", ".torchscript")):
+        from rdcd.teacher import build_teacher
+
+        t = build_teacher("sscd-onnx" if spec == "teacher" else spec, size=size, device=device, threads=threads)
+        return t.embed_uint8, PreprocessSpec(size=t.size), f"SSCD teacher ({t.kind}, {t.dim}-d)"
+    if spec == "pdq":
+        from rdcd.validate.baselines import PDQ_SPEC, PDQEmbedder
+
+        return PDQEmbedder(), PDQ_SPEC, PDQEmbedder.name
+    if spec.startswith("student:"):
+        from rdcd.model import StudentConfig, TorchEmbedder, build_student
+
+        parts = spec.split(":")
+        cfg = StudentConfig(backbone=parts[1], dim=int(parts[2]) if len(parts) > 2 else 128,
+                            input_size=size or 224)
+        import torch
+
+        torch.manual_seed(0)
+        student = build_student(cfg, pretrained=True).eval()
+        return TorchEmbedder(student, device), cfg.preprocess(), f"untrained {cfg.backbone} ({cfg.dim}-d)"
+    path = Path(spec)
+    if not path.exists():
+        raise RdcdError(f"model not found: {spec}")
+    if (path.is_dir() and path.suffix != ".mlpackage") or path.suffix == ".safetensors":
+        from rdcd.model import TorchEmbedder, load_config, load_student
+
+        student = load_student(path)
+        cfg = load_config(path)
+        return TorchEmbedder(student, device), student.config.preprocess(), f"pytorch {cfg['model']['backbone']}"
+    from rdcd.validate.runtimes import load_runner
+
+    runner = load_runner(path, runtime=runtime, threads=threads)
+    return runner, artifact_spec(path, size), f"{runner.name} {path.name}"
+
+
+def artifact_spec(path: str | os.PathLike, size: int | None = None) -> PreprocessSpec:
+    """The preprocessing an exported artifact expects (manifest, then ONNX metadata, then ``size``)."""
+    path = Path(path)
+    manifest = path.parent / "manifest.json"
+    if manifest.exists():
+        try:
+            data = json.loads(manifest.read_text())
+        except json.JSONDecodeError as exc:
+            raise RdcdError(f"malformed {manifest}: {exc}") from None
+        for art in data.get("artifacts", []):
+            if Path(art.get("path", "")).name == path.name and "preprocess" in data:
+                return PreprocessSpec.from_dict(data["preprocess"])
+        if "preprocess" in data:
+            return PreprocessSpec.from_dict(data["preprocess"])
+    if path.suffix == ".onnx":
+        try:
+            import onnx
+
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            if "rdcd.preprocess" in meta:
+                return PreprocessSpec.from_dict(json.loads(meta["rdcd.preprocess"]))
+            if "input_size" in meta:
+                return PreprocessSpec(size=int(meta["input_size"]))
+        except ImportError:
+            pass
+    if size:
+        return PreprocessSpec(size=size)
+    raise RdcdError(f"cannot tell the input size of {path.name}: no manifest.json beside it; pass --size")
