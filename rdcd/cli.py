@@ -47,3 +47,5 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss", "faiss.loader", "nncf", "coremltools", "torch.onnx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -106,7 +106,9 @@ class Student(nn.Module):
         info = backbone_info(config.backbone)
         self.backbone = timm.create_model(info.timm_name, pretrained=False, num_classes=0, global_pool="")
         self.pool = GeM(config.gem_p)
-        self.fc = nn.Linear(self.backbone.num_features, config.feat_dim)
+        with torch.no_grad():  # channels of the last feature map (timm's num_features may count a head conv)
+            channels = self.backbone.forward_features(torch.zeros(1, 3, 64, 64)).shape[1]
+        self.fc = nn.Linear(channels, config.feat_dim)
         self.projector = nn.Linear(config.feat_dim, config.dim)
         spec = config.preprocess()
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
@@ -117,7 +119,7 @@ class Student(nn.Module):
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (512-d feature before normalisation, L2-normalised d-dim descriptor)."""
         x = (x - self.mean) / self.std
-        f = self.fc(self.pool(self.backbone(x)))
+        f = self.fc(self.pool(self.backbone.forward_features(x)))
         z = F.normalize(self.projector(f).float(), dim=1)
         return f, z
 
@@ -275,7 +277,10 @@ def load_student(path: str | os.PathLike, map_location: str = "cpu") -> Student:
         state = load_file(str(weights), device=map_location)
     except (SafetensorError, OSError) as exc:
         raise RdcdError(f"corrupt checkpoint {weights}: {exc}") from None
-    missing, unexpected = student.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = student.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise RdcdError(f"checkpoint {weights} does not match its config: {str(exc).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise RdcdError(f"checkpoint {weights} does not match its config "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

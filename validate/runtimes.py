@@ -144,20 +144,29 @@ def _jetson_power_mode() -> str | None:
 
 
 class OpenVINORunner(Runner):
-    """OpenVINO IR (``.xml`` + ``.bin``) or ONNX, compiled for the CPU (or ``device``)."""
+    """OpenVINO IR (``.xml`` + ``.bin``) or ONNX, compiled for the CPU (or ``device``).
+
+    ``precision_hint`` sets ``INFERENCE_PRECISION_HINT`` (``"f32"`` for parity checks: CPUs with
+    AMX/AVX512-BF16 otherwise run in bf16); ``None`` keeps the device's default, as deployed.
+    """
 
     name = "openvino"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "CPU"):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, device: str = "CPU",
+                 precision_hint: str | None = None):
         try:
             import openvino as ov
         except ImportError:
             raise MissingDependency("openvino", "pip install openvino") from None
         self.path = Path(path)
+        if not self.path.is_file():
+            raise RdcdError(f"OpenVINO model not found: {self.path}")
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision_hint:
+            config["INFERENCE_PRECISION_HINT"] = precision_hint
         try:
             model = core.read_model(str(self.path))
             self.compiled = core.compile_model(model, device, config)
@@ -167,6 +176,7 @@ class OpenVINORunner(Runner):
         self.output = self.compiled.output(0)
         self.threads = threads
         self.device = device
+        self.precision_hint = precision_hint
         self.version = ov.get_version()
         ps = self.compiled.input(0).get_partial_shape()
         self.fixed_batch = ps[0].get_length() if ps[0].is_static else None
@@ -176,7 +186,8 @@ class OpenVINORunner(Runner):
         return np.asarray(res[self.output], dtype=np.float32)
 
     def describe(self):
-        return {"runtime": self.name, "version": self.version, "device": self.device, "threads": self.threads}
+        return {"runtime": self.name, "version": self.version, "device": self.device, "threads": self.threads,
+                "precision_hint": self.precision_hint}
 
 
 class CoreMLRunner(Runner):
@@ -217,10 +228,228 @@ class CoreMLRunner(Runner):
         return {"runtime": self.name, "version": self.version, "compute_units": self.compute_units}
 
 
+def cuda_devices() -> tuple[int, str]:
+    """(number of CUDA devices, why none) through cuda-python or pycuda; never imports torch."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart  # cuda-python < 12.6
+    except ImportError:
+        cudart = None
+    if cudart is not None:
+        try:
+            err, count = cudart.cudaGetDeviceCount()
+        except Exception as exc:  # a broken CUDA install
+            return 0, f"CUDA runtime unusable: {exc}"
+        if err != cudart.cudaError_t.cudaSuccess:
+            return 0, _cudart_error(cudart, err)
+        return int(count), "" if count else "no CUDA device"
+    try:
+        import pycuda.driver as pcuda
+    except ImportError:
+        return 0, "neither cuda-python nor pycuda is installed"
+    try:
+        pcuda.init()
+        count = pcuda.Device.count()
+    except Exception as exc:
+        return 0, f"CUDA driver: {str(exc).splitlines()[0]}"
+    return int(count), "" if count else "no CUDA device"
+
+
+def _cudart_error(cudart, err) -> str:
+    try:
+        msg = cudart.cudaGetErrorString(err)[1]
+        msg = msg.decode() if isinstance(msg, bytes) else str(msg)
+    except Exception:
+        msg = ""
+    name = getattr(err, "name", str(err))
+    return f"{name}: {msg}" if msg else name
+
+
+class _CudaRT:
+    """Device memory and a stream through cuda-python's runtime API."""
+
+    def __init__(self, cudart):
+        self.rt = cudart
+        self.stream = self._call(cudart.cudaStreamCreate())
+
+    def _call(self, res):
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        if err != self.rt.cudaError_t.cudaSuccess:
+            raise RdcdError(f"CUDA error {_cudart_error(self.rt, err)}")
+        return rest[0] if len(rest) == 1 else (rest or None)
+
+    def malloc(self, nbytes: int) -> int:
+        return int(self._call(self.rt.cudaMalloc(max(int(nbytes), 1))))
+
+    def free(self, ptr: int) -> None:
+        self._call(self.rt.cudaFree(ptr))
+
+    def htod(self, ptr: int, host: np.ndarray) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+        self._call(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream))
+
+    def dtoh(self, host: np.ndarray, ptr: int) -> None:
+        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._call(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream))
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self.stream)
+
+    def synchronize(self) -> None:
+        self._call(self.rt.cudaStreamSynchronize(self.stream))
+
+    def close(self) -> None:
+        self.rt.cudaStreamDestroy(self.stream)
+
+
+class _PyCuda:
+    """The same through pycuda (its primary context on device 0)."""
+
+    def __init__(self, pcuda):
+        self.cuda = pcuda
+        pcuda.init()
+        self.ctx = pcuda.Device(0).retain_primary_context()
+        self.ctx.push()
+        self.stream = pcuda.Stream()
+        self._allocs: dict[int, object] = {}
+
+    def malloc(self, nbytes: int) -> int:
+        alloc = self.cuda.mem_alloc(max(int(nbytes), 1))
+        self._allocs[int(alloc)] = alloc
+        return int(alloc)
+
+    def free(self, ptr: int) -> None:
+        alloc = self._allocs.pop(ptr, None)
+        if alloc is not None:
+            alloc.free()
+
+    def htod(self, ptr: int, host: np.ndarray) -> None:
+        self.cuda.memcpy_htod(ptr, host)  # pageable host memory: synchronous copies
+
+    def dtoh(self, host: np.ndarray, ptr: int) -> None:
+        self.stream.synchronize()
+        self.cuda.memcpy_dtoh(host, ptr)
+
+    @property
+    def stream_handle(self) -> int:
+        return int(self.stream.handle)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
+
+    def close(self) -> None:
+        try:
+            self.ctx.pop()
+        except Exception:
+            pass
+
+
+def _cuda_backend():
+    count, why = cuda_devices()
+    if not count:
+        from rdcd.errors import RuntimeUnavailable
+
+        raise RuntimeUnavailable(f"no NVIDIA GPU usable here ({why})")
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+        return _CudaRT(cudart)
+    except ImportError:
+        import pycuda.driver as pcuda
+
+        return _PyCuda(pcuda)
+
+
 class TensorRTRunner(Runner):
-    """A serialized TensorRT engine (TensorRT >= 10 Python API, CUDA memory via cuda-python)."""
+    """A serialized TensorRT engine (TensorRT >= 10 tensor API), CUDA memory via cuda-python or pycuda.
+
+    The engine's input is the uint8 NHWC ``image`` of the ONNX artifact; engines with a dynamic batch
+    are run in chunks no larger than their optimisation profile's maximum. Raises
+    :class:`MissingDependency` without ``tensorrt`` and :class:`RuntimeUnavailable` without a GPU.
+    """
 
     name = "tensorrt"
 
     def __init__(self, path: str | os.PathLike):
-        raise MissingDependency("TensorRT runner", "not implemented yet")
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise MissingDependency("tensorrt", "needs an NVIDIA GPU: pip install tensorrt, or use the one "
+                                    "JetPack ships") from None
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise RdcdError(f"TensorRT engine not found: {self.path}")
+        self.trt = trt
+        self.version = trt.__version__
+        self.cuda = _cuda_backend()
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise RdcdError(f"TensorRT cannot deserialize {self.path}: built with another TensorRT version "
+                            "or for another GPU? Rebuild it on this device (tensorrt/build_engine.sh)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(inputs) != 1 or not outputs:
+            raise RdcdError(f"{self.path}: expected one input and an output, got {inputs} -> {outputs}")
+        self.input_name, self.output_name = inputs[0], outputs[0]
+        in_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.input_name)))
+        if in_dtype != np.uint8:
+            raise RdcdError(f"{self.path}: input {self.input_name!r} is {in_dtype}, expected uint8 NHWC")
+        self.out_dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(self.output_name)))
+        shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        if shape[0] == -1:
+            self.max_batch = int(tuple(self.engine.get_tensor_profile_shape(self.input_name, 0)[2])[0])
+        else:
+            self.max_batch = int(shape[0])
+            self.fixed_batch = self.max_batch
+        self.input_shape = shape
+        self._buffers: dict[str, tuple[int, int]] = {}  # name -> (device pointer, bytes)
+
+    def _buffer(self, name: str, nbytes: int) -> int:
+        ptr, size = self._buffers.get(name, (0, 0))
+        if size < nbytes:
+            if ptr:
+                self.cuda.free(ptr)
+            ptr, size = self.cuda.malloc(nbytes), nbytes
+            self._buffers[name] = (ptr, size)
+        return ptr
+
+    def _run(self, batch):
+        if len(batch) > self.max_batch:
+            return np.concatenate([self._run(batch[i: i + self.max_batch])
+                                   for i in range(0, len(batch), self.max_batch)])
+        if tuple(batch.shape[1:]) != tuple(self.input_shape[1:]):
+            raise RdcdError(f"{self.path.name} takes {tuple(self.input_shape[1:])} images, got {batch.shape[1:]}")
+        if not self.context.set_input_shape(self.input_name, tuple(batch.shape)):
+            raise RdcdError(f"{self.path.name}: batch {batch.shape[0]} is outside the engine's profile")
+        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
+        out = np.empty(out_shape, dtype=self.out_dtype)
+        d_in = self._buffer(self.input_name, batch.nbytes)
+        d_out = self._buffer(self.output_name, out.nbytes)
+        self.context.set_tensor_address(self.input_name, d_in)
+        self.context.set_tensor_address(self.output_name, d_out)
+        self.cuda.htod(d_in, batch)
+        if not self.context.execute_async_v3(self.cuda.stream_handle):
+            raise RdcdError(f"TensorRT execution failed for {self.path.name}")
+        self.cuda.dtoh(out, d_out)
+        self.cuda.synchronize()
+        return out.astype(np.float32, copy=False)
+
+    def describe(self):
+        return {"runtime": self.name, "version": self.version, "max_batch": self.max_batch}
+
+    def __del__(self):
+        try:
+            for ptr, _ in self._buffers.values():
+                self.cuda.free(ptr)
+            self.cuda.close()
+        except Exception:
+            pass

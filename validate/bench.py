@@ -1,0 +1,308 @@
+"""``rdcd-bench``: end-to-end latency of one exported model on this device. **No torch.**
+
+Runs on a Jetson (TensorRT + numpy), a Mac (coremltools) or any box with onnxruntime / OpenVINO,
+with only the runtime installed: this module imports numpy, the standard library and
+:mod:`rdcd.validate.runtimes` (which loads the runtime lazily); images are decoded with Pillow only
+when ``--images`` is given. ::
+
+    rdcd-bench --model exports/model.onnx --json bench.json [--runtime auto|onnxruntime|tensorrt|coreml|openvino]
+               [--batch 1] [--warmup 20] [--iters 200] [--threads N] [--size S] [--images DIR] [--label TEXT]
+
+The input size comes from ``--size``, else the ``manifest.json`` beside the model (or one folder
+up), else the ONNX metadata (``rdcd.preprocess`` / ``rdcd.input_size``), else the runtime's static
+input shape. Inputs are random uint8 RGB images (fixed seed) or real ones from ``--images``.
+
+Measured per call of the runner (a batch of ``--batch`` images, host arrays in and out, so for GPU
+runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
+throughput in images/s. A runner that exposes ``last_gpu_ms`` (GPU compute time of its last call,
+e.g. from CUDA events around TensorRT's ``execute_async_v3``) also gets ``gpu_compute_ms``
+percentiles. The JSON records the device (CPU, board, Jetson power mode where readable), runtime
+and version, threads, batch and the model's sha256, so that ``rdcd-validate --bench-json`` /
+``rdcd-validate merge`` can put it into a gate report as a device column.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from rdcd import __version__, cli
+from rdcd.errors import RdcdError
+
+SCHEMA = "rdcd-bench/1"
+RUNTIME_CHOICES = ("auto", "onnxruntime", "tensorrt", "coreml", "openvino")
+
+
+# ------------------------------------------------------------------------------------------- timing
+def summarize_ms(samples_ms: Sequence[float]) -> dict:
+    """Percentiles and moments of a list of durations in milliseconds."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no samples")
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"p50": round(float(p50), 4), "p90": round(float(p90), 4), "p99": round(float(p99), 4),
+            "mean": round(float(a.mean()), 4), "min": round(float(a.min()), 4), "max": round(float(a.max()), 4),
+            "std": round(float(a.std()), 4), "n": int(a.size)}
+
+
+def measure_latency(fn: Callable[[np.ndarray], object], batch: np.ndarray, warmup: int, iters: int,
+                    batches: Sequence[np.ndarray] | None = None) -> dict:
+    """Time ``fn(batch)`` ``iters`` times after ``warmup`` untimed calls.
+
+    ``batches`` (optional) are cycled through instead of repeating one batch. Returns
+    ``{"latency_ms": summary, "throughput_ips": images per second, "gpu_compute_ms": summary | None}``;
+    the GPU part is filled when ``fn`` exposes ``last_gpu_ms`` after each call.
+    """
+    if iters < 1:
+        raise RdcdError("iterations must be >= 1")
+    inputs = list(batches) if batches else [batch]
+    for i in range(max(0, warmup)):
+        fn(inputs[i % len(inputs)])
+    times, gpu = [], []
+    for i in range(iters):
+        x = inputs[i % len(inputs)]
+        t0 = time.perf_counter_ns()
+        fn(x)
+        times.append((time.perf_counter_ns() - t0) / 1e6)
+        g = getattr(fn, "last_gpu_ms", None)
+        if g is not None:
+            gpu.append(float(g))
+    images = sum(len(inputs[i % len(inputs)]) for i in range(iters))
+    total_s = sum(times) / 1e3
+    return {"latency_ms": summarize_ms(times),
+            "throughput_ips": round(images / total_s, 2) if total_s > 0 else None,
+            "gpu_compute_ms": summarize_ms(gpu) if len(gpu) == iters else None}
+
+
+# ----------------------------------------------------------------------------------- model details
+def _find_manifest_entries(model: Path) -> tuple[dict | None, list[dict]]:
+    """The export manifest beside ``model`` (or one folder up) and the artifact entries naming it."""
+    model_res = model.resolve()
+    for folder in (model.parent, model.parent.parent):
+        mf = folder / "manifest.json"
+        if not mf.is_file():
+            continue
+        try:
+            data = json.loads(mf.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise RdcdError(f"malformed {mf}: {exc}") from None
+        if not isinstance(data, dict):
+            raise RdcdError(f"malformed {mf}: not a JSON object")
+        arts = data.get("artifacts") if isinstance(data.get("artifacts"), list) else []
+        by_path = [a for a in arts if isinstance(a, dict) and "path" in a
+                   and (folder / str(a["path"])).resolve() == model_res]
+        by_name = [a for a in arts if isinstance(a, dict) and Path(str(a.get("path", ""))).name == model.name]
+        return data, by_path or by_name
+    return None, []
+
+
+def _pick_entry(entries: list[dict], runtime: str) -> dict | None:
+    """Of the manifest rows naming this file, the one run by ``runtime`` (an INT8 QDQ file is listed both
+    as the onnxruntime artifact and as the TensorRT engine's input)."""
+    same = [e for e in entries if e.get("runtime") == runtime]
+    return (same or entries or [None])[0]
+
+
+def _size_from_manifest(data: dict | None, entry: dict | None) -> int | None:
+    if entry:
+        size = (entry.get("input") or {}).get("size")
+        if isinstance(size, list) and size:
+            return int(size[0])
+        if isinstance(size, int):
+            return size
+    if data and isinstance(data.get("preprocess"), dict) and "size" in data["preprocess"]:
+        return int(data["preprocess"]["size"])
+    return None
+
+
+def _size_from_onnx_metadata(runner) -> int | None:
+    session = getattr(runner, "session", None)
+    if session is None or not hasattr(session, "get_modelmeta"):
+        return None
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    if "rdcd.preprocess" in meta:
+        try:
+            return int(json.loads(meta["rdcd.preprocess"])["size"])
+        except (ValueError, KeyError, TypeError):
+            pass
+    for key in ("rdcd.input_size", "input_size"):
+        if key in meta:
+            try:
+                return int(meta[key])
+            except ValueError:
+                pass
+    return None
+
+
+def _size_from_runner(runner) -> int | None:
+    shape = getattr(runner, "input_shape", None)
+    if shape is None and hasattr(runner, "compiled"):  # OpenVINO
+        try:
+            ps = runner.compiled.input(0).get_partial_shape()
+            shape = [d.get_length() if d.is_static else None for d in ps]
+        except Exception:  # noqa: BLE001 - best effort only
+            shape = None
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] == shape[2]:
+        return int(shape[1])
+    return None
+
+
+def resolve_size(runner, model: Path, size: int | None, data: dict | None, entry: dict | None) -> tuple[int, str]:
+    if size:
+        return int(size), "--size"
+    for fn, where in ((lambda: _size_from_manifest(data, entry), "manifest.json"),
+                      (lambda: _size_from_onnx_metadata(runner), "ONNX metadata"),
+                      (lambda: _size_from_runner(runner), "model input shape")):
+        s = fn()
+        if s:
+            return int(s), where
+    raise RdcdError(f"cannot tell the input size of {model.name}: no manifest.json beside it, no size in its "
+                    f"metadata or input shape; pass --size")
+
+
+def _sha256(path: Path) -> str:
+    from rdcd.fsutil import sha256
+
+    return sha256(path)
+
+
+def _size_bytes(path: Path) -> int:
+    from rdcd.fsutil import size_bytes
+
+    return size_bytes(path)
+
+
+def make_inputs(size: int, batch: int, images: str | None, seed: int = 0, max_batches: int = 8) -> tuple[list[np.ndarray], str]:
+    """Input batches: random uint8 RGB (fixed seed), or real images from a folder (resized per the contract)."""
+    if not images:
+        rng = np.random.default_rng(seed)
+        return [rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)], "random uint8"
+    from rdcd.imageio import list_images
+    from rdcd.preprocess import PreprocessSpec
+
+    folder = Path(images)
+    if not folder.is_dir():
+        raise RdcdError(f"image folder not found: {folder}")
+    paths = list_images(folder)[: batch * max_batches]
+    if not paths:
+        raise RdcdError(f"no images in {folder}")
+    spec = PreprocessSpec(size=size)
+    arr = spec.load_batch(paths)
+    if len(arr) < batch:
+        arr = np.concatenate([arr] * (-(-batch // len(arr))))[:batch]
+    batches = [arr[i: i + batch] for i in range(0, len(arr) - batch + 1, batch)]
+    return batches, f"{len(paths)} images from {folder}"
+
+
+def device_label(record: dict) -> str:
+    """``"<board or CPU> / <runtime> <version>"``, the column title in gate reports."""
+    if record.get("label"):
+        return str(record["label"])
+    dev = record.get("device") or {}
+    rt = record.get("runtime") or {}
+    where = dev.get("board") or dev.get("gpu") or dev.get("cpu") or dev.get("machine") or "unknown device"
+    label = f"{where} / {rt.get('runtime', '?')} {rt.get('version', '')}".strip()
+    batch = (record.get("settings") or {}).get("batch", 1)
+    return label + (f" (batch {batch})" if batch and batch != 1 else "")
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="rdcd-bench",
+                           description="End-to-end latency of one exported descriptor model on this device "
+                                       "(no torch needed). Writes a JSON that rdcd-validate can merge into its report.")
+    p.add_argument("--model", required=True, help=".onnx, .xml (OpenVINO), .engine/.plan (TensorRT) or .mlpackage")
+    p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help="default: from the file type")
+    p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--warmup", type=int, default=20, help="untimed calls first (default 20)")
+    p.add_argument("--iters", type=int, default=200, help="timed calls (default 200)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")
+    p.add_argument("--size", type=int, default=None, help="input size when no manifest/metadata says it")
+    p.add_argument("--images", default=None, help="folder of real images to feed (default: random uint8 images)")
+    p.add_argument("--label", default=None, help="device column title in reports (default: board or CPU / runtime)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", required=True, dest="json_out", help="write the results here")
+    return p
+
+
+def run_bench(args, argv: Sequence[str] | None = None) -> dict:
+    for name, low in (("batch", 1), ("iters", 1), ("warmup", 0)):
+        if getattr(args, name) < low:
+            raise RdcdError(f"--{name} must be >= {low}")
+    if args.threads is not None and args.threads < 1:
+        raise RdcdError("--threads must be >= 1")
+    if args.size is not None and args.size < 16:
+        raise RdcdError("--size must be >= 16")
+    model = Path(args.model)
+    if not model.exists():
+        raise RdcdError(f"model not found: {model}")
+    from rdcd.validate.runtimes import device_info, load_runner
+
+    data, entries = _find_manifest_entries(model)
+    runner = load_runner(model, runtime=args.runtime, threads=args.threads)
+    entry = _pick_entry(entries, getattr(runner, "name", args.runtime))
+    size, size_from = resolve_size(runner, model, args.size, data, entry)
+    batches, input_desc = make_inputs(size, args.batch, args.images, args.seed)
+    out = runner(batches[0])
+    if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != args.batch:
+        raise RdcdError(f"{model.name} returned shape {getattr(out, 'shape', None)} for a batch of {args.batch}")
+    m = measure_latency(runner, batches[0], args.warmup, args.iters, batches)
+    desc = runner.describe()
+    record = {
+        "schema": SCHEMA,
+        "tool": "rdcd-bench",
+        "rdcd_version": __version__,
+        "created": _now(),
+        "label": args.label,
+        "model": {"path": str(model), "name": model.name, "sha256": _sha256(model), "size_bytes": _size_bytes(model),
+                  "artifact": entry.get("name") if entry else None,
+                  "target": entry.get("target") if entry else None,
+                  "precision": entry.get("precision") if entry else None},
+        "runtime": {**desc, "runtime": desc.get("runtime", getattr(runner, "name", args.runtime)),
+                    "version": desc.get("version", getattr(runner, "version", "?"))},
+        "device": device_info(),
+        "settings": {"batch": args.batch, "warmup": args.warmup, "iters": args.iters, "threads": args.threads,
+                     "size": size, "size_from": size_from, "input": input_desc, "output_dim": int(out.shape[1]),
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "latency_ms": m["latency_ms"],
+        "per_image_ms_p50": round(m["latency_ms"]["p50"] / args.batch, 4),
+        "throughput_ips": m["throughput_ips"],
+        "gpu_compute_ms": m["gpu_compute_ms"],
+        "command": " ".join(["rdcd-bench", *(sys.argv[1:] if argv is None else argv)]),
+    }
+    record["device_label"] = device_label(record)
+    return record
+
+
+def _now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    record = run_bench(args, argv)
+    from rdcd.fsutil import write_json
+
+    write_json(args.json_out, record)
+    lat = record["latency_ms"]
+    gpu = record["gpu_compute_ms"]
+    print(f"{record['model']['name']} on {record['device_label']}: p50 {lat['p50']:.3f} ms, p90 {lat['p90']:.3f} ms, "
+          f"p99 {lat['p99']:.3f} ms, {record['throughput_ips']} img/s (batch {args.batch}, {args.iters} iters"
+          + (f", GPU compute p50 {gpu['p50']:.3f} ms" if gpu else "") + f") -> {args.json_out}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
