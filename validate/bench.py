@@ -14,9 +14,9 @@ input shape. Inputs are random uint8 RGB images (fixed seed) or real ones from `
 
 Measured per call of the runner (a batch of ``--batch`` images, host arrays in and out, so for GPU
 runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
-throughput in images/s. A runner that exposes ``last_gpu_ms`` (GPU compute time of its last call,
-e.g. from CUDA events around TensorRT's ``execute_async_v3``) also gets ``gpu_compute_ms``
-percentiles. The JSON records the device (CPU, board, Jetson power mode where readable), runtime
+throughput in images/s. For TensorRT also the GPU compute time alone (``gpu_compute_ms``: CUDA
+events around ``execute_async_v3`` with the input already on the device, as trtexec reports it); a
+runner exposing ``last_gpu_ms`` (GPU time of its last call) gets it from there instead. The JSON records the device (CPU, board, Jetson power mode where readable), runtime
 and version, threads, batch and the model's sha256, so that ``rdcd-validate --bench-json`` /
 ``rdcd-validate merge`` can put it into a gate report as a device column.
 """
@@ -78,6 +78,60 @@ def measure_latency(fn: Callable[[np.ndarray], object], batch: np.ndarray, warmu
     return {"latency_ms": summarize_ms(times),
             "throughput_ips": round(images / total_s, 2) if total_s > 0 else None,
             "gpu_compute_ms": summarize_ms(gpu) if len(gpu) == iters else None}
+
+
+def tensorrt_gpu_compute(runner, batch: np.ndarray, warmup: int, iters: int) -> tuple[dict | None, str | None]:
+    """GPU compute time of a TensorRT engine alone (like trtexec's "GPU Compute Time").
+
+    Inputs stay on the device: one ordinary call binds shapes and buffers, then CUDA events on the
+    runner's stream bracket ``execute_async_v3``. Works with the runner's cuda-python or pycuda
+    backend; returns (summary, None) or (None, why not).
+    """
+    if getattr(runner, "name", "") != "tensorrt":
+        return None, None
+    cuda, ctx = getattr(runner, "cuda", None), getattr(runner, "context", None)
+    if cuda is None or ctx is None:
+        return None, "the TensorRT runner exposes no CUDA stream/context"
+    if len(batch) > getattr(runner, "max_batch", len(batch)):
+        return None, f"batch {len(batch)} exceeds the engine's maximum batch"
+    try:
+        runner(batch)  # sets the input shape and tensor addresses for this batch size
+        if hasattr(cuda, "rt"):  # cuda-python runtime API: calls return (err, value...)
+            rt, call = cuda.rt, cuda._call
+            start, end = call(rt.cudaEventCreate()), call(rt.cudaEventCreate())
+
+            def once() -> float:
+                call(rt.cudaEventRecord(start, cuda.stream))
+                if not ctx.execute_async_v3(cuda.stream_handle):
+                    raise RdcdError("execute_async_v3 failed")
+                call(rt.cudaEventRecord(end, cuda.stream))
+                call(rt.cudaEventSynchronize(end))
+                return float(call(rt.cudaEventElapsedTime(start, end)))
+
+            def close() -> None:
+                rt.cudaEventDestroy(start)
+                rt.cudaEventDestroy(end)
+        else:  # pycuda
+            start, end = cuda.cuda.Event(), cuda.cuda.Event()
+
+            def once() -> float:
+                start.record(cuda.stream)
+                if not ctx.execute_async_v3(cuda.stream_handle):
+                    raise RdcdError("execute_async_v3 failed")
+                end.record(cuda.stream)
+                end.synchronize()
+                return float(start.time_till(end))
+
+            def close() -> None:
+                pass
+        try:
+            for _ in range(max(0, warmup)):
+                once()
+            return summarize_ms([once() for _ in range(iters)]), None
+        finally:
+            close()
+    except Exception as exc:  # noqa: BLE001 - the end-to-end numbers stand on their own
+        return None, f"GPU compute time not measured: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 # ----------------------------------------------------------------------------------- model details
@@ -253,6 +307,9 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != args.batch:
         raise RdcdError(f"{model.name} returned shape {getattr(out, 'shape', None)} for a batch of {args.batch}")
     m = measure_latency(runner, batches[0], args.warmup, args.iters, batches)
+    gpu_note = None
+    if m["gpu_compute_ms"] is None:
+        m["gpu_compute_ms"], gpu_note = tensorrt_gpu_compute(runner, batches[0], args.warmup, args.iters)
     desc = runner.describe()
     record = {
         "schema": SCHEMA,
@@ -269,15 +326,24 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
         "device": device_info(),
         "settings": {"batch": args.batch, "warmup": args.warmup, "iters": args.iters, "threads": args.threads,
                      "size": size, "size_from": size_from, "input": input_desc, "output_dim": int(out.shape[1]),
-                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "load_avg_1m": load_average()},
         "latency_ms": m["latency_ms"],
         "per_image_ms_p50": round(m["latency_ms"]["p50"] / args.batch, 4),
         "throughput_ips": m["throughput_ips"],
         "gpu_compute_ms": m["gpu_compute_ms"],
+        "gpu_compute_note": gpu_note,
         "command": " ".join(["rdcd-bench", *(sys.argv[1:] if argv is None else argv)]),
     }
     record["device_label"] = device_label(record)
     return record
+
+
+def load_average() -> float | None:
+    """The 1-minute load average when the OS reports one: other work on the machine skews latency."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
 
 
 def _now() -> str:

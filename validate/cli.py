@@ -7,6 +7,7 @@ Sub-commands::
     rdcd-validate eval --benchmark B --model M [--whiten --score-norm 1.0[0,2]]
     rdcd-validate gate --benchmark B --exports DIR [--max-drop 0.01]   # also the default:
     rdcd-validate --benchmark B --exports DIR ...                      #   no sub-command = gate
+    rdcd-validate merge --report OUT --bench-json F                    # add rdcd-bench device columns
 
 Exit codes: 0 success, 1 a gate failed, 2 bad usage or bad input.
 """

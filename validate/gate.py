@@ -15,14 +15,15 @@ reason). Exit codes:
 Core ML cannot run off macOS: when the quantize stage recorded W8A8/W8 µAP *simulated in PyTorch*
 (``"accuracy"`` block with ``simulated: true``) on the same benchmark (ground-truth sha256), the row
 shows those numbers labelled "simulated in PyTorch" and is still ❎ (the runtime itself was not
-checked); a simulated drop over the gate is ❌. ``--bench-json`` merges ``rdcd-bench`` results from
+checked); a simulated drop over the gate is ❌. Keys read from that block: ``simulated``, ``micro_ap``,
+``fp32_micro_ap`` (or ``reference_micro_ap``), ``ground_truth_sha256`` (or ``gt_sha256``),
+``benchmark`` (path), ``runtime``, optionally ``recall_at_p90`` and ``acc_at_1``. ``--bench-json`` merges ``rdcd-bench`` results from
 devices (a Jetson, a Mac) as extra latency columns; ``rdcd-validate merge`` does the same for an
 existing ``report.json``.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -33,8 +34,6 @@ import numpy as np
 from rdcd import cli
 from rdcd.errors import GateFailed, MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.manifest import PRECISIONS, TARGETS, Manifest
-
-log = logging.getLogger(__name__)
 
 INT8_CLASS = ("int8", "w8a8", "w8")
 OK, NOT_CHECKED, FAILED = "ok", "not_checked", "failed"
@@ -116,16 +115,36 @@ def _spec_for(manifest: Manifest, art: dict):
     from rdcd.validate.models import artifact_spec
 
     size = art["input"].get("size")
-    size = int(size[0]) if isinstance(size, list) and size else (int(size) if isinstance(size, int) else None)
     pre = manifest.data.get("preprocess")
     try:
+        size = int(size[0]) if isinstance(size, list) and size else (int(size) if isinstance(size, int) else None)
         if isinstance(pre, dict) and "size" in pre:
-            return PreprocessSpec.from_dict({**pre, "size": size or pre["size"]})
-        if size:
-            return PreprocessSpec(size=size)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RdcdError(f"malformed {manifest.path}: bad preprocess/input size ({exc})") from None
+            size = size or int(pre["size"])
+        if size:  # only the size and the resize rule matter here: normalisation is inside every artifact
+            return PreprocessSpec(size=size, resize=(pre or {}).get("resize", "stretch-bilinear"))
+    except (TypeError, ValueError) as exc:
+        raise RdcdError(f"malformed {manifest.path}: bad input size for {art['name']} ({exc})") from None
     return artifact_spec(manifest.resolve(art))
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The files an artifact consists of: an OpenVINO ``.xml`` needs its ``.bin`` (same name)."""
+    files = [path]
+    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
+        files.append(path.with_suffix(".bin"))
+    return files
+
+
+def content_key(path: Path) -> str:
+    """sha256 over all of an artifact's files: two IRs with the same graph but other weights differ."""
+    import hashlib
+
+    from rdcd.fsutil import sha256
+
+    files = artifact_files(path)
+    if len(files) == 1:
+        return sha256(path)
+    return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
 
 
 def _curve(metrics, points: int = 256) -> dict:
@@ -155,7 +174,7 @@ class Evaluator:
             self._sample = spec.load(self.bench.queries.paths[0])[None]
         return self._sample
 
-    def run(self, manifest: Manifest, art: dict, sha: str | None, runtime: str):
+    def run(self, manifest: Manifest, art: dict, runtime: str):
         """Return (measurement dict, runner description) or raise."""
         from rdcd.validate.bench import measure_latency
         from rdcd.validate.evaluate import describe, evaluate_descriptors
@@ -164,7 +183,7 @@ class Evaluator:
         cfg = self.cfg
         path = manifest.resolve(art)
         runner = load_runner(path, runtime=runtime, threads=cfg.threads)
-        key = (sha or str(path.resolve()), runner.name)
+        key = (content_key(path), runner.name)
         if key in self.cache:
             return {**self.cache[key], "cached": True}, runner.describe()
         spec = _spec_for(manifest, art)
@@ -211,8 +230,18 @@ def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | No
 
 
 def _default_reference(manifest: Manifest, art: dict) -> str | None:
-    if art.get("reference"):
-        return art["reference"]
+    """The float artifact an INT8/FP16 artifact is compared with: its ``reference``, followed through
+    quantized references (a TensorRT INT8 engine names its QDQ ONNX model, which names the FP32 one),
+    else the FP32 artifact of the same target, else the FP32 ONNX."""
+    ref, seen = art.get("reference"), {art["name"]}
+    while ref and ref not in seen:
+        seen.add(ref)
+        nxt = manifest.get(ref)
+        if nxt is None or nxt["precision"] not in INT8_CLASS or not nxt.get("reference"):
+            return ref
+        ref = nxt["reference"]
+    if ref:
+        return ref
     if art["precision"] == "fp32":
         return None
     fp32 = [a for a in manifest.artifacts if a["precision"] == "fp32"]
@@ -244,7 +273,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                "latency": None, "curve": None, "notes": [], "devices": {}}
         rows.append(row)
         if path.exists():
-            row["size_bytes"] = size_bytes(path)
+            row["size_bytes"] = sum(size_bytes(f) for f in artifact_files(path))
             row["sha256"] = sha256(path)
             if art.get("sha256") and art["sha256"] != row["sha256"]:
                 row["notes"].append("file differs from the sha256 recorded in the manifest")
@@ -259,9 +288,11 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                 row.update(status=FAILED, reason=f"file not found: {art['path']}")
             continue
         runtime = art.get("runtime") if art.get("runtime") in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
-        log.info("gate: evaluating %s (%s)", art["name"], runtime)
+        t0 = time.perf_counter()
         try:
-            meas, desc = ev.run(manifest, art, row["sha256"], runtime)
+            meas, desc = ev.run(manifest, art, runtime)
+            _progress(f"{art['name']}: µAP {meas['micro_ap']:.4f}, p50 {meas['latency']['p50_ms']:.2f} ms "
+                      f"({time.perf_counter() - t0:.1f} s)")
         except (RuntimeUnavailable, MissingDependency) as exc:
             row.update(status=NOT_CHECKED, reason=f"not checkable here: {_first_line(exc)}")
             _simulated(row, art, bench, gt_sha)
@@ -305,6 +336,13 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
     return {"rows": rows, "gt_sha256": gt_sha, "failures": failures, "passed": not failures,
             "counts": {s: sum(r["status"] == s for r in rows) for s in (OK, NOT_CHECKED, FAILED)},
             "int8_artifacts": len(gated), "int8_checked": sum(r["status"] == OK for r in gated)}
+
+
+def _progress(msg: str) -> None:
+    """One line per artifact on stderr, so that long CI runs show where they are."""
+    import sys
+
+    print(f"rdcd-validate gate: {msg}", file=sys.stderr, flush=True)
 
 
 def _simulated(row: dict, art: dict, bench, gt_sha: str) -> None:
@@ -354,6 +392,7 @@ def gate_main(argv: Sequence[str] | None = None) -> int:
     _check_args(a)
     from rdcd.benchmark import load_benchmark
     from rdcd.validate import report as rep
+    from rdcd.validate.bench import load_average
     from rdcd.validate.runtimes import device_info
 
     manifest = Manifest.load(a.exports)
@@ -378,7 +417,7 @@ def gate_main(argv: Sequence[str] | None = None) -> int:
         "settings": {"max_drop": a.max_drop, "drop_type": a.drop_type, "require": a.require, "k": a.k,
                      "whiten": a.whiten, "score_norm": a.score_norm, "threads": a.threads,
                      "latency_iters": a.latency_iters, "warmup": a.warmup, "batch_size": a.batch_size},
-        "host": device_info(),
+        "host": {**device_info(), "load_avg_1m_at_start": load_average()},
         "gate": {"passed": result["passed"], "failures": result["failures"], "counts": result["counts"],
                  "int8_artifacts": result["int8_artifacts"], "int8_checked": result["int8_checked"]},
         "artifacts": result["rows"], "devices": [],

@@ -76,17 +76,18 @@ def _row_sha(row: dict, base: Path | None) -> str | None:
 
 def match_rows(rows: list[dict], rec: dict, base: Path | None = None) -> tuple[list[dict], str]:
     """Rows (report rows or manifest artifacts) that a bench result measured: by sha256, then the manifest
-    artifact name recorded by rdcd-bench, then file name, then file stem (an engine built from model.int8.onnx
-    on the device is model.int8.engine). Rows run by the same runtime are preferred."""
+    artifact name recorded by rdcd-bench, then file name, then file stem (an engine built on the device as
+    model-int8.engine matches the row for model-int8.engine or model-int8.onnx). Of several hits, the rows run
+    by the bench's runtime are taken (else the first hit)."""
     model = rec["model"]
     runtime = (rec.get("runtime") or {}).get("runtime")
     name = str(model.get("name"))
-    stem = name.split(".")[0] if "." in name else name
+    stem = Path(name).stem
     tests = [
         ("sha256", lambda r: model.get("sha256") and _row_sha(r, base) == model.get("sha256")),
         ("artifact name", lambda r: model.get("artifact") and r.get("name") == model.get("artifact")),
         ("file name", lambda r: Path(r["path"]).name == name),
-        ("file stem", lambda r: Path(r["path"]).name.split(".")[0] == stem),
+        ("file stem", lambda r: Path(r["path"]).stem == stem),
     ]
     for how, test in tests:
         hits = [r for r in rows if test(r)]
@@ -264,7 +265,8 @@ def markdown(report: dict) -> str:
         lines.append("")
     host = h.get("board") or h.get("cpu") or h.get("machine")
     lines += ["## Settings", "",
-              f"- {HOST}: {host}, {h.get('cpu_count')} CPUs, {h.get('system')}, Python {h.get('python')}",
+              f"- {HOST}: {host}, {h.get('cpu_count')} CPUs, {h.get('system')}, Python {h.get('python')}, "
+              f"1-min load average at start {h.get('load_avg_1m_at_start', '?')} (other work skews latency)",
               f"- gate: max drop {s['max_drop']:g} ({s['drop_type']}), required targets: "
               f"{', '.join(s['require']) or 'none'}",
               f"- search: k={s['k']}, whitening {'on' if s['whiten'] else 'off'}, score normalisation "
