@@ -1,6 +1,7 @@
 """Resolve what a user names as a model into (embedder, preprocessing spec, label).
 
 * ``teacher`` / ``sscd-onnx``: the offline SSCD teacher (288 x 288); a ``.pt`` TorchScript path works too
+* ``sscd-distilled``: the MobileNetV4 peer shipped beside the teacher (a baseline to beat, never an init)
 * ``pdq``: the PDQ hash baseline
 * a training run directory or ``.safetensors`` file: the PyTorch student (imports torch)
 * ``student:BACKBONE[:DIM]``: an untrained student (offline ImageNet init where available)
@@ -26,6 +27,11 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
 
         t = build_teacher("sscd-onnx" if spec == "teacher" else spec, size=size, device=device, threads=threads)
         return t.embed_uint8, PreprocessSpec(size=t.size), f"SSCD teacher ({t.kind}, {t.dim}-d)"
+    if spec == "sscd-distilled":  # the MobileNetV4 peer shipped with the teacher: a baseline to beat, nothing more
+        from rdcd.teacher import OnnxTeacher, sscd_onnx_path
+
+        t = OnnxTeacher(sscd_onnx_path().with_name("sscd_distilled.onnx"), size=size or 224, threads=threads)
+        return t.embed_uint8, PreprocessSpec(size=t.size), f"sscd_distilled peer (MobileNetV4, {t.dim}-d)"
     if spec == "pdq":
         from rdcd.validate.baselines import PDQ_SPEC, PDQEmbedder
 
