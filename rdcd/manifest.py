@@ -22,10 +22,21 @@ Schema (version 1)::
           "status": "ok" | "not_checkable" | "failed",
           "reason": "...",                          # why not checkable / why failed
           "parity": {"reference": "pytorch-fp32", "min_cos": 0.9999, "mean_cos": 0.99999, "images": 16},
-          "sha256": "...", "size_bytes": 123
+          "sha256": "...", "size_bytes": 123,
+          # optional, written by rdcd-export:
+          "checks": {...},                          # what was verified besides parity (I/O contract, Core ML
+                                                    # spec + MIL program + converted torch program, FP16 engine input)
+          "reference_only": true,                   # recorded by reference at an absolute path, never copied
+          "deployment_target": "iOS16",             # Core ML minimum deployment target
+          "build": {...},                           # TensorRT engine build settings, where one was built
+          "content_sha256": "...",                  # OpenVINO: over the .xml and .bin sha256s (size_bytes counts both)
         }
-      ]
+      ],
+      "notes": {"parity": "...", "parity_images": ["astronaut.png", ...]}   # optional
     }
+
+``status`` "not_checkable" also covers artifacts that could not be *built* here (a TensorRT engine
+without a GPU: ``path`` names the engine the build script writes, ``reason`` says why).
 """
 
 from __future__ import annotations

