@@ -116,10 +116,15 @@ def overlay_text(im, rng, font_size: tuple[float, float] = (0.1, 0.3), opacity: 
     imaugs, _ = _augly()
     n = rng.randint(4, 12)
     text = [rng.randrange(32, 127) for _ in range(n)]  # AugLy indexes the font's character map
-    return _rgb(imaugs.overlay_text(
-        im, text=text, font_file=rng.choice(font_paths()), font_size=rng.uniform(*font_size),
-        opacity=rng.uniform(*opacity), color=tuple(rng.randint(0, 255) for _ in range(3)),
-        x_pos=rng.uniform(0, 0.6), y_pos=rng.uniform(0, 0.8)))
+    kw = dict(font_size=rng.uniform(*font_size), opacity=rng.uniform(*opacity),
+              color=tuple(rng.randint(0, 255) for _ in range(3)), x_pos=rng.uniform(0, 0.6), y_pos=rng.uniform(0, 0.8))
+    fonts = font_paths()
+    for font in [rng.choice(fonts)] + fonts[:2]:  # a rare glyph can fail in libraqm's layout: try another font
+        try:
+            return _rgb(imaugs.overlay_text(im, text=text, font_file=font, **kw))
+        except OSError:
+            continue
+    return _rgb(im)
 
 
 def overlay_emoji(im, rng, size: tuple[float, float] = (0.15, 0.5), opacity: tuple[float, float] = (0.7, 1.0)):

@@ -1,0 +1,7 @@
+"""RDCD training (``rdcd-distill``): relational self-supervised distillation from a frozen SSCD teacher.
+
+Modules: ``augment`` (SSCD "advanced" views: PIL stage + batched kornia stage), ``losses`` (RSD,
+MoCo InfoNCE, hard negatives; SSCD InfoNCE + entropy for the baseline), ``queues`` (FIFO feature
+queues), ``data`` (image scan, views, deterministic distributed batches), ``cache`` (teacher-feature
+cache), ``dist`` (torchrun plumbing), ``train`` (the trainer), ``cli`` (the command).
+"""

@@ -1,0 +1,170 @@
+"""``rdcd-distill``: train an RDCD student (or the contrastive-only baseline) from a frozen SSCD teacher.
+
+Examples::
+
+    rdcd-distill --train-dir ../shared/data/train-pool --exclude-benchmark runs/bench-pool \\
+        --dim 128 --input-size 160 --teacher-size 224 --max-steps 1500 --cache runs/cache --out runs/rdcd-128
+    torchrun --nproc-per-node 4 -m rdcd.distill.cli --recipe paper --train-dir DISC/train --out runs/paper
+    rdcd-distill ... --out runs/rdcd-128 --resume          # continue after an interruption
+
+Recipes set defaults that explicit flags override: ``small`` (default; CPU-sized queues of 2,048 keys and
+4,096 teacher features, global batch 32) and ``paper`` (RDCD's: queues of 65,536, batch 256, 224 px,
+100 epochs, 5 warm-up epochs, base lr 1.0 at batch 256).
+
+Exit codes: 0 done, 1 training diverged (non-finite loss; the last good checkpoint is kept),
+2 bad usage or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from typing import Sequence
+
+from rdcd import cli
+
+RECIPES = {
+    "small": {"batch_size": 32, "queue_size": 2048, "rsd_queue_size": 4096, "epochs": 100, "warmup_epochs": 5.0,
+              "input_size": 224, "base_lr": 1.0},
+    "paper": {"batch_size": 256, "queue_size": 65536, "rsd_queue_size": 65536, "epochs": 100, "warmup_epochs": 5.0,
+              "input_size": 224, "base_lr": 1.0},
+}
+
+
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="rdcd-distill", description=__doc__.split("\n\n")[0],
+                           epilog="See docs/reports/distill.md for a measured CPU run.",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-dir", required=True, help="folder of training images (unlabeled)")
+    g.add_argument("--exclude-benchmark", metavar="BENCH", default=None,
+                   help="leave out the images listed in BENCH/sources.csv (a benchmark built from the same folder)")
+    g.add_argument("--workers", type=int, default=2, help="data-loader processes per training process (default 2)")
+    g.add_argument("--canvas", type=int, default=None,
+                   help="size of the square canvas the PIL stage works on (default: the view size)")
+    g.add_argument("--no-overlays", dest="overlays", action="store_false",
+                   help="leave out the text and emoji overlays (they need AugLy)")
+    g = p.add_argument_group("model")
+    g.add_argument("--mode", choices=("rdcd", "baseline"), default="rdcd",
+                   help="rdcd: RSD + MoCo + hard negatives from the teacher; baseline: SSCD InfoNCE + entropy only")
+    g.add_argument("--recipe", choices=sorted(RECIPES), default="small", help="defaults for the settings below")
+    g.add_argument("--backbone", default="efficientnet_lite0",
+                   help="efficientnet_lite0 (offline ImageNet init), efficientnet_b0, mobilenetv3_large_100, "
+                        "fastvit_t12 or any timm model")
+    g.add_argument("--dim", type=int, default=128, help="descriptor size (the paper: 64, 128, 256)")
+    g.add_argument("--input-size", type=int, default=None, help="student input size (recipe: 224)")
+    g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
+    g.add_argument("--backbone-weights", metavar="FILE", default=None,
+                   help="timm ImageNet checkpoint (.safetensors or .pth state dict) for backbones without offline "
+                        "weights; checked on real photos before training")
+    g.add_argument("--teacher", default="sscd-onnx",
+                   help="sscd-onnx (default: SSCD int8 ONNX in ONNX Runtime) | PATH.pt (SSCD TorchScript) | "
+                        "PATH.onnx | timm:NAME")
+    g.add_argument("--teacher-size", type=int, default=None,
+                   help="teacher input size; it sees the student's view at this size (default: --input-size)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch size across processes (recipe)")
+    g.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
+    g.add_argument("--base-lr", type=float, default=None, help="peak lr at batch 256, scaled linearly (recipe: 1.0)")
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=1e-6)
+    g.add_argument("--epochs", type=int, default=None, help="epochs (recipe: 100)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps; the schedule then spans min(epochs, max-steps)")
+    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (recipe: 5)")
+    g.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps (overrides --warmup-epochs)")
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
+    g.add_argument("--align-heads", action="store_true",
+                   help="rdcd: before training, fit the random fc / projector heads to the teacher in closed form "
+                        "(ridge regression onto teacher features, PCA projector); the backbone is untouched")
+    g.add_argument("--align-images", type=int, default=0, help="images used by --align-heads (default: all)")
+    g.add_argument("--backbone-lr-mult", type=float, default=1.0,
+                   help="backbone lr = lr x this; the randomly initialised heads use the full lr (default 1)")
+    g.add_argument("--freeze-bn", action="store_true",
+                   help="keep BatchNorm layers in eval mode with their pretrained statistics (short fine-tunes)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="mixed precision (default: on with CUDA, off on CPU)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("losses")
+    g.add_argument("--queue-size", type=int, default=None, help="MoCo key queue (recipe small 2048, paper 65536)")
+    g.add_argument("--rsd-queue-size", type=int, default=None,
+                   help="teacher-feature queue for RSD (recipe small 4096, paper 65536)")
+    g.add_argument("--moco-momentum", type=float, default=0.99)
+    g.add_argument("--moco-temp", type=float, default=0.07)
+    g.add_argument("--rsd-temp", type=float, default=0.04)
+    g.add_argument("--rsd-weight", type=float, default=1.0)
+    g.add_argument("--moco-weight", type=float, default=1.0)
+    g.add_argument("--hn-weight", type=float, default=5.0, help="hard-negative loss weight")
+    g.add_argument("--infonce-temp", type=float, default=0.05, help="baseline InfoNCE temperature")
+    g.add_argument("--entropy-weight", type=float, default=30.0, help="baseline entropy (KoLeo) weight")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default=None, help="run directory (default ./runs/<timestamp>)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    g.add_argument("--cache", metavar="DIR", default=None,
+                   help="teacher-feature cache folder (K fixed views per image; for a slow teacher on CPU)")
+    g.add_argument("--cache-views", type=int, default=4, help="K, views per image in the cache (default 4)")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
+    g.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per process")
+    g.add_argument("--eval-benchmark", metavar="BENCH", default=None, help="evaluate on this benchmark at the end")
+    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    g.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial student")
+    g.add_argument("--log-every", type=int, default=10, help="log a line every N steps when there is no progress bar")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="rich progress bar (default: when stderr is a terminal)")
+    g.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(a: argparse.Namespace):
+    from rdcd.distill.train import TrainConfig
+
+    recipe = RECIPES[a.recipe]
+    pick = lambda name: getattr(a, name) if getattr(a, name) is not None else recipe[name]  # noqa: E731
+    out = a.out or f"runs/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    return TrainConfig(
+        train_dir=a.train_dir, out=out, exclude_benchmark=a.exclude_benchmark, mode=a.mode, recipe=a.recipe,
+        backbone=a.backbone, dim=a.dim, input_size=pick("input_size"), pretrained=a.pretrained,
+        backbone_weights=a.backbone_weights, teacher=a.teacher,
+        teacher_size=a.teacher_size, batch_size=pick("batch_size"), lr=a.lr, base_lr=pick("base_lr"),
+        sgd_momentum=a.sgd_momentum, weight_decay=a.weight_decay, epochs=pick("epochs"), max_steps=a.max_steps,
+        warmup_epochs=pick("warmup_epochs"), warmup_steps=a.warmup_steps, clip_grad=a.clip_grad, freeze_bn=a.freeze_bn,
+        backbone_lr_mult=a.backbone_lr_mult, align_heads=a.align_heads, align_images=a.align_images,
+        queue_size=pick("queue_size"), rsd_queue_size=pick("rsd_queue_size"), moco_momentum=a.moco_momentum,
+        moco_temp=a.moco_temp, rsd_temp=a.rsd_temp, rsd_weight=a.rsd_weight, moco_weight=a.moco_weight,
+        hn_weight=a.hn_weight, infonce_temp=a.infonce_temp, entropy_weight=a.entropy_weight, canvas=a.canvas,
+        overlays=a.overlays, cache=a.cache, cache_views=a.cache_views, ckpt_every=a.ckpt_every, workers=a.workers,
+        device=a.device, amp=a.amp, seed=a.seed, threads=a.threads, eval_benchmark=a.eval_benchmark,
+        eval_every=a.eval_every, eval_at_start=a.eval_at_start, log_every=a.log_every, progress=a.progress,
+        resume=a.resume)
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    cli.setup_logging(a.verbose)
+    from rdcd.distill.train import train
+    from rdcd.model import backbone_info
+
+    backbone_info(a.backbone)  # unknown backbone: one line before anything heavy
+    cfg = config_from_args(a)
+    cfg.validate()
+    result = train(cfg)
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    summary = {"out": cfg.out, **{k: result["result"][k] for k in ("steps", "epochs", "train_img_per_s")}}
+    if result["result"].get("eval"):
+        summary["eval"] = result["result"]["eval"][-1]
+    print(json.dumps(summary))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return cli.run(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

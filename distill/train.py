@@ -1,0 +1,844 @@
+"""The RDCD trainer (and its contrastive-only baseline), single process or under ``torchrun``.
+
+One optimisation step (``mode="rdcd"``), per process, with a global batch split across ranks:
+
+1. Both views of each image go through the kornia tensor stage on the training device. View A
+   is produced at the student's input size and at the teacher's (same view); view B at the
+   student's size.
+2. Teacher features of view A (frozen teacher, or the teacher-feature cache); student
+   ``(f, z) = student.features(view A)``; the momentum encoder (an EMA copy of the student,
+   m = 0.99, updated before use, BN shuffled across ranks) encodes view B into keys.
+3. loss = RSD(teacher, normalize(f); teacher queue, tau 0.04) + InfoNCE(z, key; key queue,
+   tau 0.07) + 5 * hard-negative(z; key queue). Keys of the query's own image are not negatives.
+4. Teacher features and keys, gathered from every rank, are enqueued (FIFO).
+
+``mode="baseline"``: the same student sees both views and is trained with SSCD's InfoNCE over the
+global batch (tau 0.05) + entropy regulariser (weight 30); no teacher, no momentum encoder.
+
+Engineering: SGD (momentum 0.9) with linear warm-up then cosine decay, lr = base_lr x batch / 256
+unless ``lr`` is given; AMP on GPU; DDP (gloo/nccl); rank 0 writes an atomic ``checkpoint.pt``
+every ``ckpt_every`` steps (student, momentum encoder, optimizer, scaler, queues, RNG states,
+config) and ``metrics.jsonl``; the data order and every augmentation are functions of (seed, epoch,
+image), so ``resume`` continues exactly after the last checkpoint. A non-finite loss stops the run
+before the optimizer touches the weights, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rdcd.distill import augment, losses
+from rdcd.distill.cache import TeacherCache, build_cache
+from rdcd.distill.data import (CacheViewDataset, Collate, EpochBatches, ViewDataset, image_key, scan_images,
+                               steps_per_epoch, worker_init)
+from rdcd.distill.dist import DistContext
+from rdcd.distill.queues import FeatureQueue
+from rdcd.errors import RdcdError
+from rdcd.fsutil import atomic_path, write_json, write_text
+
+log = logging.getLogger("rdcd.distill")
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+TRAIN_CONFIG = "train_config.json"
+
+#: Settings that may differ between a run and its ``--resume`` (everything else must match).
+RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "workers", "device", "threads", "eval_benchmark", "eval_every",
+                     "eval_at_start", "log_every", "cache", "progress"}
+
+
+class TrainingDiverged(RdcdError):
+    """The loss became NaN or infinite: the run stops, the last good checkpoint stays. Exit code 1."""
+
+    exit_code = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    train_dir: str = ""
+    out: str = ""
+    exclude_benchmark: str | None = None
+    mode: str = "rdcd"  # rdcd | baseline
+    recipe: str = "small"
+    backbone: str = "efficientnet_lite0"
+    dim: int = 128
+    input_size: int = 224
+    pretrained: bool = True
+    backbone_weights: str | None = None  # a timm ImageNet checkpoint file for the backbone (verified)
+    teacher: str = "sscd-onnx"
+    teacher_size: int | None = None  # default: the student's input size (the paper's teacher sees the same tensor)
+    batch_size: int = 32  # global, across processes
+    lr: float | None = None  # absolute; default base_lr * batch_size / 256
+    base_lr: float = 1.0
+    sgd_momentum: float = 0.9
+    weight_decay: float = 1e-6
+    epochs: int = 100
+    max_steps: int | None = None
+    warmup_epochs: float = 5.0
+    warmup_steps: int | None = None
+    clip_grad: float | None = None
+    freeze_bn: bool = False  # BN layers use (and keep) their pretrained running statistics
+    align_heads: bool = False  # rdcd: fit the random heads to the teacher before training (closed form)
+    align_images: int = 0  # images used for it (0: all)
+    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (the random heads learn at the full lr)
+    queue_size: int = 2048  # MoCo key queue
+    rsd_queue_size: int = 4096  # teacher-feature queue
+    moco_momentum: float = 0.99
+    moco_temp: float = 0.07
+    rsd_temp: float = 0.04
+    rsd_weight: float = 1.0
+    moco_weight: float = 1.0
+    hn_weight: float = 5.0
+    infonce_temp: float = 0.05  # baseline
+    entropy_weight: float = 30.0  # baseline
+    canvas: int | None = None  # PIL-stage canvas size; default: the view size
+    overlays: bool = True
+    aug: dict = dataclasses.field(default_factory=lambda: augment.AugConfig().to_dict())
+    cache: str | None = None
+    cache_views: int = 4
+    ckpt_every: int = 500
+    workers: int = 2
+    device: str = "auto"
+    amp: bool | None = None  # None: on for CUDA, off on CPU
+    seed: int = 0
+    threads: int | None = None
+    eval_benchmark: str | None = None
+    eval_every: int = 0
+    eval_at_start: bool = False
+    log_every: int = 10
+    progress: bool | None = None  # rich progress bar; None: when stderr is a terminal
+    resume: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def t_size(self) -> int:
+        return self.teacher_size or self.input_size
+
+    @property
+    def view_size(self) -> int:
+        return max(self.input_size, self.t_size) if self.mode == "rdcd" else self.input_size
+
+    @property
+    def canvas_size(self) -> int:
+        return self.canvas or self.view_size
+
+    def validate(self) -> None:
+        if self.mode not in ("rdcd", "baseline"):
+            raise RdcdError(f"unknown --mode {self.mode!r}: use rdcd or baseline")
+        checks = [("--dim", self.dim, 1), ("--input-size", self.input_size, 32), ("--batch-size", self.batch_size, 2),
+                  ("--queue-size", self.queue_size, 1), ("--rsd-queue-size", self.rsd_queue_size, 1),
+                  ("--ckpt-every", self.ckpt_every, 1), ("--epochs", self.epochs, 1), ("--cache-views", self.cache_views, 1),
+                  ("--log-every", self.log_every, 1)]
+        if self.teacher_size is not None:
+            checks.append(("--teacher-size", self.teacher_size, 32))
+        if self.max_steps is not None:
+            checks.append(("--max-steps", self.max_steps, 1))
+        for flag, value, low in checks:
+            if value < low:
+                raise RdcdError(f"{flag} must be at least {low}, got {value}")
+        for flag, value in (("--lr", self.lr), ("--base-lr", self.base_lr)):
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise RdcdError(f"{flag} must be a positive number, got {value}")
+        if not (self.backbone_lr_mult >= 0 and math.isfinite(self.backbone_lr_mult)):
+            raise RdcdError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
+        if not 0 <= self.moco_momentum < 1:
+            raise RdcdError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
+        if self.workers < 0:
+            raise RdcdError(f"--workers must be >= 0, got {self.workers}")
+
+
+# ---------------------------------------------------------------------------------- helpers
+class _Features(nn.Module):
+    """DDP hooks ``forward``: expose ``Student.features`` (feature, descriptor) as the forward."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, x):
+        return self.student.features(x)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up from peak/warmup to peak over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    span = max(1, total - warmup)
+    return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        try:
+            torch.cuda.set_rng_state_all(state["cuda"])
+        except (RuntimeError, IndexError):  # different GPU count: the data order does not depend on it
+            pass
+
+
+def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode; with ``freeze_bn`` the BatchNorm layers stay in eval mode (running statistics used and
+    kept: short fine-tunes from ImageNet weights otherwise drift them towards the augmented views)."""
+    model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def evaluate_student(student: nn.Module, bench: str | os.PathLike, device, batch_size: int = 64) -> dict:
+    """µAP etc. of ``student`` on a DISC-layout benchmark (rdcd.validate.evaluate), in eval mode."""
+    from rdcd.benchmark import load_benchmark
+    from rdcd.model import TorchEmbedder
+    from rdcd.validate.evaluate import describe, evaluate_descriptors
+
+    modes = {m: m.training for m in student.modules()}  # restores frozen-BN layers too
+    try:
+        b = load_benchmark(bench)
+        emb = TorchEmbedder(student, str(device))
+        desc = describe(b, emb, student.config.preprocess(), batch_size, with_training=False, label="eval")
+        res = evaluate_descriptors(b, desc)
+        row = res.row()
+        return {"micro_ap": round(row["micro_ap"], 5), "recall_at_p90": round(row["recall_at_p90"], 5),
+                "acc_at_1": round(row["acc_at_1"], 5), "seconds": round(desc.seconds, 2)}
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+# ---------------------------------------------------------------------------------- trainer
+class Trainer:
+    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+        cfg.validate()
+        self.cfg, self.ctx = cfg, ctx
+        self.device = ctx.device
+        self.out = Path(cfg.out)
+        self.step = 0
+        self.results: dict[str, Any] = {}
+        self.evals: list[dict] = []
+        self.teacher = None
+        self.cache: TeacherCache | None = None
+        self.momentum: nn.Module | None = None
+        self.moco_queue = self.rsd_queue = None
+        self.cache_rate = None
+        self._metrics_fh = None
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+
+        exclude: set[str] = set()
+        if cfg.exclude_benchmark:
+            from rdcd.validate.demo import used_sources
+
+            if not (Path(cfg.exclude_benchmark) / "sources.csv").exists():
+                raise RdcdError(f"--exclude-benchmark {cfg.exclude_benchmark}: no sources.csv there "
+                                "(a benchmark built by rdcd-validate build-demo lists its source images in it)")
+            exclude = used_sources(cfg.exclude_benchmark)
+        paths = scan_images(cfg.train_dir, exclude) if ctx.is_main else None
+        self.paths = [Path(p) for p in ctx.broadcast_object([str(p) for p in paths] if paths else None)]
+        ckpt_state = self._prepare_out_dir()
+        self.n_images = len(self.paths)
+        self.spe = steps_per_epoch(self.n_images, cfg.batch_size)
+        if self.spe < 1:
+            raise RdcdError(f"{self.n_images} training images are fewer than one batch (--batch-size {cfg.batch_size})")
+        self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps or cfg.epochs * self.spe)
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * self.spe))
+        self.warmup = min(self.warmup, self.total_steps)
+        self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
+        self.per_rank = cfg.batch_size // ctx.world
+        if cfg.batch_size % ctx.world:
+            raise RdcdError(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({ctx.world})")
+
+        # teacher first: its feature size is the student's 512-d feature size
+        feat_dim = 512
+        if cfg.mode == "rdcd":
+            from rdcd.teacher import build_teacher
+
+            self.teacher = build_teacher(cfg.teacher, size=cfg.t_size, device=str(self.device), threads=cfg.threads)
+            feat_dim = int(self.teacher.dim)
+        from rdcd.model import BACKBONES, StudentConfig, build_student, verify_pretrained
+
+        scfg = StudentConfig(backbone=cfg.backbone, dim=cfg.dim, feat_dim=feat_dim, input_size=cfg.input_size)
+        torch.manual_seed(cfg.seed)
+        student = build_student(scfg, pretrained=cfg.pretrained and not cfg.backbone_weights)
+        self.pretrained_check: dict[str, Any] = {"requested": cfg.pretrained}
+        if cfg.backbone_weights:
+            from rdcd.distill.init import init_from_file
+
+            self.pretrained_check.update(init_from_file(student, cfg.backbone, cfg.backbone_weights))
+        elif cfg.pretrained:
+            info = BACKBONES.get(cfg.backbone)
+            if info is not None and info.offline_weights:
+                check = verify_pretrained(cfg.backbone) if ctx.is_main else None
+                check = ctx.broadcast_object(check)
+                if not check["ok"]:
+                    raise RdcdError(f"pretrained {cfg.backbone} weights misclassify real photos ({check}): refusing to "
+                                    "train from a broken init (use --no-pretrained to start from scratch)")
+                self.pretrained_check.update(check, source=info.offline_weights)
+            else:
+                self.pretrained_check.update(ok=False, source=None,
+                                             note=f"no offline ImageNet weights for {cfg.backbone}: random init")
+        self.student = student.to(self.device).to(memory_format=torch.channels_last)
+        _train_mode(self.student, cfg.freeze_bn)
+        self.model: nn.Module = _Features(self.student)
+        if ctx.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.mode == "rdcd":
+            self.momentum = copy.deepcopy(self.student)
+            _train_mode(self.momentum, cfg.freeze_bn)
+            for p in self.momentum.parameters():
+                p.requires_grad_(False)
+            self.moco_queue = FeatureQueue(cfg.queue_size, cfg.dim, self.device, random_init=True, seed=cfg.seed)
+            self.rsd_queue = FeatureQueue(cfg.rsd_queue_size, feat_dim, self.device)
+        backbone = [p for p in self.student.backbone.parameters()]
+        ids = {id(p) for p in backbone}
+        heads = [p for p in self.student.parameters() if id(p) not in ids]
+        groups = [{"params": backbone, "lr_mult": cfg.backbone_lr_mult, "name": "backbone"},
+                  {"params": heads, "lr_mult": 1.0, "name": "heads"}]
+        self.optimizer = torch.optim.SGD(groups, lr=self.peak_lr, momentum=cfg.sgd_momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if (self.amp and self.device.type == "cuda") else None
+
+        self.dataset = ViewDataset(self.paths, cfg.canvas_size, cfg.seed, augment.AugConfig.from_dict(cfg.aug),
+                                   cache_views=cfg.cache_views if (cfg.cache and cfg.mode == "rdcd") else 0,
+                                   overlays=cfg.overlays)
+        if ckpt_state is not None:
+            self._load_checkpoint(ckpt_state)
+        if cfg.cache and cfg.mode == "rdcd":
+            self._setup_cache()
+        if ctx.is_main:
+            write_json(self.out / TRAIN_CONFIG, self._describe())
+
+    def _prepare_out_dir(self):
+        cfg, ctx = self.cfg, self.ctx
+        ckpt = self.out / CHECKPOINT
+        if cfg.resume:
+            if ctx.is_main:  # temporaries of a write that a kill interrupted
+                for stale in self.out.glob(".checkpoint.*.tmp*"):
+                    stale.unlink(missing_ok=True)
+            if not ckpt.exists():
+                raise RdcdError(f"--resume: no {CHECKPOINT} in {self.out} (nothing to resume)")
+            try:
+                state = torch.load(ckpt, map_location="cpu", weights_only=True)
+            except Exception as exc:  # torch raises many types for a damaged file
+                raise RdcdError(f"cannot read checkpoint {ckpt}: {type(exc).__name__}: {exc}") from None
+            saved = json.loads(state["config"])
+            diffs = [k for k, v in self.cfg.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
+            if diffs:
+                raise RdcdError("--resume: these settings differ from the checkpoint's: " + ", ".join(
+                    f"{k} ({saved[k]!r} there, {getattr(cfg, k)!r} now)" for k in diffs))
+            return state
+        if ckpt.exists() or (self.out / "model.safetensors").exists():
+            raise RdcdError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+        if ctx.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        ctx.barrier()
+        return None
+
+    def _setup_cache(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        desc = dict(self.teacher.describe())
+        desc.pop("providers", None)
+        desc.pop("device", None)
+        fingerprint = {"teacher": desc, "teacher_size": cfg.t_size, "view_size": cfg.view_size,
+                       "canvas": cfg.canvas_size, "aug": cfg.aug, "overlays": cfg.overlays, "seed": cfg.seed,
+                       "views": cfg.cache_views}
+        keys = [image_key(p) for p in self.paths]
+        self.cache = TeacherCache(cfg.cache, fingerprint, keys, cfg.cache_views, int(self.teacher.dim))
+        todo = len(self.cache.missing())
+        if not todo:
+            log.info("teacher cache %s is complete (%d images x %d views)", self.cache.dir, self.n_images, cfg.cache_views)
+            return
+        log.info("teacher cache: computing %d teacher features (%d images x %d views) into %s", todo, self.n_images,
+                 cfg.cache_views, self.cache.dir)
+        from torch.utils.data import DataLoader
+
+        views = CacheViewDataset(self.dataset)
+        bs = max(8, self.per_rank)
+        prog = self._progress_bar(extra=False)
+        show = self._show_progress()
+        task = prog.add_task("teacher cache", total=todo, info="")
+        counter = [0]
+
+        def compute(items):
+            batches = [items[i: i + bs] for i in range(0, len(items), bs)]
+            collate = Collate(cfg.view_size, self.dataset.aug, ([cfg.t_size], []) if self._augment_in_workers() else None)
+            loader = DataLoader(views, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
+                                **({"worker_init_fn": worker_init, "prefetch_factor": 4} if cfg.workers else {}))
+            for b in loader:
+                if "x_a" in b:
+                    x = b["x_a"][0].to(self.device)
+                else:
+                    (x,) = augment.apply_tensor_stage(b["view_a"].to(self.device), b["params_a"], cfg.view_size,
+                                                      [cfg.t_size], self.dataset.aug)
+                feats = self.teacher(x).float().cpu().numpy()
+                prog.advance(task, len(feats) * ctx.world)
+                counter[0] += len(feats) * ctx.world
+                if not show and counter[0] // (bs * 25 * ctx.world) != (counter[0] - len(feats) * ctx.world) // (bs * 25 * ctx.world):
+                    el = time.perf_counter() - t0
+                    log.info("teacher cache: %d/%d (%.1f img/s, ETA %s)", counter[0], todo, counter[0] / el,
+                             _hms((todo - counter[0]) * el / counter[0]))
+                yield list(zip(b["index"].tolist(), b["slot"].tolist())), feats
+
+        t0 = time.perf_counter()
+        with prog:
+            n = build_cache(self.cache, compute, chunk=bs * 25, rank=ctx.rank, world=ctx.world,
+                            gather=ctx.all_gather_object)
+        dt = time.perf_counter() - t0
+        self.cache_rate = {"entries": n, "seconds": round(dt, 1), "img_per_s": round(n / max(dt, 1e-9), 2),
+                           "world": ctx.world, "teacher_size": cfg.t_size}
+        log.info("teacher cache: %d features in %.0f s (%.1f img/s)", n, dt, n / max(dt, 1e-9))
+        ctx.barrier()
+
+    # ---------------------------------------------------------------- checkpoints
+    def _checkpoint_state(self) -> dict:
+        state = {"step": self.step, "config": json.dumps(self.cfg.to_dict()),
+                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
+                 "results": json.dumps({"evals": self.evals, "cache": self.cache_rate,
+                                        "aligned": getattr(self, "aligned", None)})}
+        if self.momentum is not None:
+            state["momentum"] = {k: v.detach().cpu() for k, v in self.momentum.state_dict().items()}
+            state["queues"] = {"moco": self.moco_queue.state_dict(), "rsd": self.rsd_queue.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def save_checkpoint(self) -> None:
+        if self.ctx.is_main:
+            with atomic_path(self.out / CHECKPOINT) as tmp:
+                torch.save(self._checkpoint_state(), tmp)
+        self.ctx.barrier()
+
+    def _load_checkpoint(self, state: dict) -> None:
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.momentum is not None:
+            self.momentum.load_state_dict(state["momentum"])
+            self.moco_queue.load_state_dict(state["queues"]["moco"])
+            self.rsd_queue.load_state_dict(state["queues"]["rsd"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        prev = json.loads(state.get("results", "{}"))
+        self.evals = prev.get("evals", [])
+        self.cache_rate = prev.get("cache")
+        if prev.get("aligned"):
+            self.aligned = prev["aligned"]
+        if self.ctx.is_main:  # drop log lines of steps the checkpoint does not contain
+            path = self.out / METRICS
+            if path.exists():
+                keep = []
+                for line in path.read_text().splitlines():
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:  # a line cut by the kill
+                        continue
+                    if rec.get("step", 0) <= self.step:
+                        keep.append(line)
+                write_text(path, "".join(k + "\n" for k in keep))
+        log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
+
+    # ---------------------------------------------------------------- one step
+    def _view_sizes(self) -> tuple[list[int], list[int]]:
+        cfg = self.cfg
+        sizes = [cfg.input_size]
+        if cfg.mode == "rdcd" and self.cache is None and cfg.t_size != cfg.input_size:
+            sizes.append(cfg.t_size)  # the teacher sees the same view at its own size
+        return sizes, [cfg.input_size]
+
+    def _augment_in_workers(self) -> bool:
+        return self.device.type == "cpu" and self.cfg.workers > 0
+
+    def _views(self, batch):
+        """(student view A, teacher view A, view B) on the device; the tensor stage runs here unless the
+        data-loader workers already ran it (CPU)."""
+        cfg = self.cfg
+        dev = self.device
+        if "x_a" in batch:
+            xa, (xb,) = batch["x_a"], batch["x_b"]
+            xa = [x.to(dev) for x in xa]
+            xb = xb.to(dev)
+        else:
+            sizes_a, sizes_b = self._view_sizes()
+            xa = augment.apply_tensor_stage(batch["view_a"].to(dev, non_blocking=True), batch["params_a"],
+                                            cfg.view_size, sizes_a, self.dataset.aug)
+            (xb,) = augment.apply_tensor_stage(batch["view_b"].to(dev, non_blocking=True), batch["params_b"],
+                                               cfg.view_size, sizes_b, self.dataset.aug)
+        cl = torch.channels_last
+        return xa[0].contiguous(memory_format=cl), xa[-1], xb.contiguous(memory_format=cl)
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        m = self.cfg.moco_momentum
+        for pk, pq in zip(self.momentum.parameters(), self.student.parameters()):
+            pk.mul_(m).add_(pq.detach(), alpha=1 - m)
+
+    @torch.no_grad()
+    def _keys(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        """Momentum-encoder keys; across ranks the batch is shuffled first so BN statistics cannot leak
+        which samples are positives (MoCo's shuffle BN), then unshuffled."""
+        ctx = self.ctx
+        if not ctx.distributed:
+            return self.momentum.features(x)[1].float()
+        x_all = ctx.gather(x)
+        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)
+        perm = torch.randperm(len(x_all), generator=g).to(x.device)  # same on every rank
+        mine = perm.view(ctx.world, -1)[ctx.rank]
+        k_all = ctx.gather(self.momentum.features(x_all[mine])[1].float())
+        k = k_all[torch.argsort(perm)]
+        return k.view(ctx.world, -1, k.shape[1])[ctx.rank]
+
+    def _loss(self, batch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
+        cfg, ctx = self.cfg, self.ctx
+        xa, xt, xb = self._views(batch)
+        ids = batch["index"].to(self.device)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+        if cfg.mode == "baseline":
+            with autocast:
+                f, z = self.model(torch.cat([xa, xb]))
+            z = z.float()
+            ids2 = torch.cat([ids, ids])
+            all_z = ctx.gather_with_grad(z)
+            all_ids = ctx.gather(ids2)
+            nce, nearest = losses.sscd_infonce(z, ids2, all_z, all_ids, offset=ctx.rank * len(z), tau=cfg.infonce_temp)
+            ent = losses.entropy_loss(nearest, cfg.entropy_weight)
+            with torch.no_grad():
+                pos = (z[: len(ids)] * z[len(ids):]).sum(1).mean()
+            return nce + ent, {"infonce": nce, "entropy": ent, "pos_sim": pos, "nearest_neg": nearest.mean()}, {}
+        # --- rdcd
+        if self.cache is not None:
+            t = self.cache.lookup(batch["index"].tolist(), batch["slot"].tolist()).to(self.device)
+        else:
+            t = self.teacher(xt).float()
+        with autocast:
+            f, z = self.model(xa)
+        z = z.float()
+        s = F.normalize(f.float(), dim=1)
+        self._momentum_update()
+        with autocast:
+            k = self._keys(xb, step)
+        k = F.normalize(k.float(), dim=1)
+        neg, mask = losses.negative_similarities(z, self.moco_queue.features(), ids, self.moco_queue.item_ids())
+        moco = losses.moco_infonce(z, k, neg, mask, cfg.moco_temp)
+        hn = losses.hard_negative_loss(neg, mask, cfg.hn_weight)
+        if len(self.rsd_queue):
+            rsd = losses.rsd_loss(t, s, self.rsd_queue.features(), cfg.rsd_temp)
+        else:  # first step: no past teacher features yet
+            rsd = s.sum() * 0.0
+        loss = cfg.rsd_weight * rsd + cfg.moco_weight * moco + hn
+        with torch.no_grad():
+            stats = {"rsd": rsd, "moco": moco, "hn": hn, "pos_sim": (z * k).sum(1).mean(),
+                     "nearest_neg": neg.masked_fill(mask, -1.0).max(1).values.mean() if mask is not None
+                     else neg.max(1).values.mean()}
+        return loss, stats, {"t": t, "k": k, "ids": ids}
+
+    # ---------------------------------------------------------------- loop
+    def _loader(self, epoch: int, start: int):
+        from torch.utils.data import DataLoader
+
+        cfg = self.cfg
+        sampler = EpochBatches(self.n_images, cfg.batch_size, self.ctx.world, self.ctx.rank, cfg.seed, epoch, start)
+        kw = {}
+        if cfg.workers:
+            kw = {"worker_init_fn": worker_init, "prefetch_factor": 4, "persistent_workers": False}
+        collate = Collate(cfg.view_size, self.dataset.aug, self._view_sizes() if self._augment_in_workers() else None)
+        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+                          pin_memory=self.device.type == "cuda", **kw)
+
+    def _show_progress(self) -> bool:
+        show = self.cfg.progress
+        if show is None:
+            show = sys.stderr.isatty() or os.environ.get("RDCD_PROGRESS") == "1"
+        return bool(show and self.ctx.is_main)
+
+    def _progress_bar(self, extra: bool = True):
+        """A rich progress bar (losses, img/s, ETA); disabled off a terminal, where log lines replace it."""
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("ETA"), TimeRemainingColumn()]
+        if extra:
+            cols.append(TextColumn("{task.fields[info]}"))
+        from rich.console import Console
+
+        return Progress(*cols, disable=not self._show_progress(), console=Console(stderr=True), transient=False)
+
+    def _log(self, rec: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        if self._metrics_fh is None:
+            self._metrics_fh = open(self.out / METRICS, "a", buffering=1)
+        self._metrics_fh.write(json.dumps(rec) + "\n")
+        self._metrics_fh.flush()
+
+    def _eval(self, label: str) -> None:
+        cfg = self.cfg
+        if not cfg.eval_benchmark:
+            return
+        if self.ctx.is_main:
+            res = evaluate_student(self.student, cfg.eval_benchmark, self.device)
+            res = {"step": self.step, "label": label, **res}
+            self.evals.append(res)
+            self._log({"step": self.step, "eval": res})
+            log.info("eval at step %d (%s): micro-AP %.4f", self.step, label, res["micro_ap"])
+        self.ctx.barrier()
+
+    def run(self) -> dict:
+        self.setup()
+        cfg, ctx = self.cfg, self.ctx
+        log.info("training %s %s-d %s (%d px) on %d images: %d steps of %d images (%d per process x %d), "
+                 "peak lr %.4g, warm-up %d steps, device %s%s", cfg.mode, cfg.dim, cfg.backbone, cfg.input_size,
+                 self.n_images, self.total_steps, cfg.batch_size, self.per_rank, ctx.world, self.peak_lr, self.warmup,
+                 self.device, f", teacher {cfg.teacher} at {cfg.t_size} px" if cfg.mode == "rdcd" else "")
+        if cfg.eval_at_start and self.step == 0 and cfg.align_heads and cfg.mode == "rdcd":
+            self._eval("start (before aligning the heads)")
+        if cfg.align_heads and cfg.mode == "rdcd" and self.step == 0:
+            self.align_heads()
+        if cfg.eval_at_start and self.step == 0:
+            self._eval("start")
+        start_step = self.step
+        sums: dict[str, float] = {}
+        n_sum = 0
+        t_train = 0.0
+        imgs = 0
+        prog = self._progress_bar()
+        show = self._show_progress()
+        with prog as p:
+            task = p.add_task(cfg.mode, total=self.total_steps, completed=self.step, info="")
+            while self.step < self.total_steps:
+                epoch, in_epoch = divmod(self.step, self.spe)
+                t_wait = time.perf_counter()
+                for batch in self._loader(epoch, in_epoch):
+                    t0 = time.perf_counter()
+                    data_s = t0 - t_wait
+                    stats = self.train_step(batch)
+                    dt = time.perf_counter() - t_wait
+                    t_train += dt
+                    imgs += cfg.batch_size
+                    rate = cfg.batch_size / dt
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    n_sum += 1
+                    rec = {"step": self.step, "epoch": epoch, "lr": self.optimizer.param_groups[-1]["lr"],
+                           **{k: round(v, 6) for k, v in stats.items()}, "img_per_s": round(rate, 2),
+                           "data_s": round(data_s, 4), "step_s": round(dt, 4)}
+                    self._log(rec)
+                    info = " ".join(f"{k} {stats[k]:.3f}" for k in ("loss", "rsd", "moco", "hn", "infonce", "entropy")
+                                    if k in stats) + f" | {imgs / t_train:.1f} img/s"
+                    p.update(task, completed=self.step, info=info)
+                    if not show and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                        eta = (self.total_steps - self.step) * t_train / max(1, self.step - start_step)
+                        log.info("step %d/%d %s | lr %.4g | ETA %s", self.step, self.total_steps, info,
+                                 rec["lr"], _hms(eta))
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < self.total_steps:
+                        self._eval("periodic")  # before the checkpoint, which then records it
+                    if self.step % cfg.ckpt_every == 0 or self.step == self.total_steps:
+                        self.save_checkpoint()
+                    if self.step >= self.total_steps:
+                        break
+                    t_wait = time.perf_counter()
+        self.results = {"steps": self.step, "epochs": round(self.step / self.spe, 3), "steps_this_session": self.step - start_step,
+                        "train_img_per_s": round(imgs / t_train, 2) if t_train else None,
+                        "mean_losses_this_session": {k: round(v / max(1, n_sum), 5) for k, v in sums.items()}}
+        self._eval("final")
+        if ctx.is_main:
+            from rdcd.model import save_student
+
+            self.student.eval()
+            save_student(self.student, self.out, extra=self._describe(final=True))
+            log.info("wrote %s (config.json + model.safetensors)", self.out)
+        ctx.barrier()
+        if self._metrics_fh:
+            self._metrics_fh.close()
+        return self._describe(final=True)
+
+    @torch.no_grad()
+    def align_heads(self) -> None:
+        """Fit the student's random heads to the teacher before training (a linear probe, closed form).
+
+        On view A (slot 0) of the training images: ``fc`` (GeM features -> 512) by ridge regression onto
+        the teacher's features, so that the student starts in the teacher's coordinates that RSD
+        compares it in; the ``projector`` (512 -> d) as the top-d principal directions of the fitted
+        features. The backbone is untouched. Rank 0 fits, every rank receives the result.
+        """
+        from torch.utils.data import DataLoader
+
+        cfg, ctx = self.cfg, self.ctx
+        t0 = time.perf_counter()
+        st = self.student
+        if ctx.is_main:
+            n = min(self.n_images, cfg.align_images or self.n_images)
+            items = [(i, 0) for i in np.random.default_rng(cfg.seed).permutation(self.n_images)[:n].tolist()]
+            bs = 64
+            sizes = [cfg.input_size] + ([cfg.t_size] if self.cache is None and cfg.t_size != cfg.input_size else [])
+            loader = DataLoader(CacheViewDataset(self.dataset), batch_sampler=[items[i: i + bs] for i in range(0, n, bs)],
+                                num_workers=cfg.workers, collate_fn=Collate(cfg.view_size, self.dataset.aug, (sizes, [])),
+                                **({"worker_init_fn": worker_init} if cfg.workers else {}))
+            modes = {m: m.training for m in st.modules()}
+            st.eval()
+            G, T = [], []
+            for b in loader:
+                xs = b["x_a"]
+                x = xs[0].to(self.device)
+                G.append(st.pool(st.backbone((x - st.mean) / st.std)).float().cpu())
+                if self.cache is not None:
+                    T.append(self.cache.lookup(b["index"].tolist(), b["slot"].tolist()))
+                else:
+                    T.append(self.teacher(xs[-1].to(self.device)).float().cpu())
+            for m, training in modes.items():
+                m.training = training
+            G, T = torch.cat(G).double(), torch.cat(T).double()
+            gm, tm = G.mean(0), T.mean(0)
+            Gc = G - gm
+            cov = Gc.T @ Gc
+            lam = 1e-2 * float(cov.diagonal().mean())
+            W = torch.linalg.solve(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype), Gc.T @ (T - tm))
+            b = tm - gm @ W
+            F_ = G @ W + b
+            fm = F_.mean(0)
+            _, _, V = torch.linalg.svd(F_ - fm, full_matrices=True)  # full basis: fewer views than d is fine
+            P = V[: cfg.dim]  # [d, 512]
+            fit = F.cosine_similarity(F_, T).mean().item()
+            state = {"fc.weight": W.T.float(), "fc.bias": b.float(), "projector.weight": P.float(),
+                     "projector.bias": (-(fm @ P.T)).float(), "fit_cos": fit, "n": len(G)}
+        else:
+            state = None
+        state = ctx.broadcast_object(state)
+        st.fc.weight.copy_(state["fc.weight"])
+        st.fc.bias.copy_(state["fc.bias"])
+        st.projector.weight.copy_(state["projector.weight"])
+        st.projector.bias.copy_(state["projector.bias"])
+        self.momentum.load_state_dict(st.state_dict())
+        self.aligned = {"images": state["n"], "mean_cos_to_teacher": round(state["fit_cos"], 4),
+                        "seconds": round(time.perf_counter() - t0, 1)}
+        log.info("aligned the heads to the teacher on %d views: mean cosine %.3f (%.0f s)", state["n"],
+                 state["fit_cos"], self.aligned["seconds"])
+
+    def train_step(self, batch) -> dict[str, float]:
+        cfg, ctx = self.cfg, self.ctx
+        step = self.step
+        lr = lr_at(step, self.peak_lr, self.warmup, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_mult", 1.0)
+        loss, stats, extra = self._loss(batch, step)
+        vals = torch.stack([loss.detach().float()] + [v.detach().float().reshape(()) for v in stats.values()])
+        vals = ctx.mean(vals).cpu()
+        if not bool(torch.isfinite(vals[0])):
+            self._diverged(step + 1, vals, list(stats))
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad or float("inf"))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step on inf/nan gradients (AMP overflow)
+            self.scaler.update()
+        else:
+            g = ctx.mean(gnorm.detach().float().reshape(1).to(self.device)).cpu()
+            if not bool(torch.isfinite(g).all()):
+                self._diverged(step + 1, vals, list(stats), what="gradient norm")
+            self.optimizer.step()
+        if cfg.mode == "rdcd":
+            gids = ctx.gather(extra["ids"])
+            self.rsd_queue.enqueue(ctx.gather(extra["t"].contiguous()), gids)
+            self.moco_queue.enqueue(ctx.gather(extra["k"].contiguous()), gids)
+        self.step += 1
+        out = {"loss": float(vals[0])}
+        out.update({k: float(v) for k, v in zip(stats, vals[1:])})
+        out["grad_norm"] = float(gnorm)
+        return out
+
+    def _diverged(self, step: int, vals, names, what: str = "loss"):
+        ckpt = self.out / CHECKPOINT
+        kept = f"last good checkpoint kept: {ckpt} (step {self._ckpt_step()})" if ckpt.exists() else \
+            "no checkpoint had been written yet"
+        parts = ", ".join(f"{n} {float(v):.4g}" for n, v in zip(names, vals[1:]))
+        raise TrainingDiverged(f"non-finite {what} at step {step} (loss {float(vals[0]):.4g}; {parts}); training "
+                               f"stopped, {kept}; lower --lr/--base-lr or enable --clip-grad")
+
+    def _ckpt_step(self):
+        try:
+            return int(torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)["step"])
+        except Exception:
+            return "?"
+
+    def _describe(self, final: bool = False) -> dict:
+        import timm
+
+        import rdcd
+
+        cfg, ctx = self.cfg, self.ctx
+        d = {"training": {**cfg.to_dict(), "teacher_size": cfg.t_size if cfg.mode == "rdcd" else None,
+                          "view_size": cfg.view_size, "canvas": cfg.canvas_size, "peak_lr": self.peak_lr,
+                          "total_steps": self.total_steps, "warmup_steps": self.warmup, "steps_per_epoch": self.spe,
+                          "amp": self.amp, "bn": "frozen (pretrained running statistics)" if cfg.freeze_bn else
+                          "per-process BN; shuffle-BN on the momentum encoder across processes",
+                          "optimizer": "SGD", "schedule": "linear warm-up + cosine"},
+             "teacher": self.teacher.describe() if self.teacher is not None else None,
+             "pretrained": self.pretrained_check,
+             "data": {"train_dir": str(cfg.train_dir), "images": self.n_images,
+                      "excluded_benchmark": cfg.exclude_benchmark},
+             "distributed": {"world_size": ctx.world, "backend": ctx.backend, "device": str(self.device),
+                             "threads": torch.get_num_threads()},
+             "versions": {"rdcd": getattr(rdcd, "__version__", "?"), "torch": torch.__version__, "timm": timm.__version__}}
+        if getattr(self, "aligned", None):
+            d["aligned_heads"] = self.aligned
+        if self.cache is not None:
+            d["teacher_cache"] = {"dir": str(self.cache.dir), "views": cfg.cache_views, "build": self.cache_rate}
+        if final:
+            d["result"] = {**self.results, "eval": self.evals}
+        return d
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) a run; returns what ``config.json`` records. Runs under torchrun too."""
+    ctx = DistContext.from_env(cfg.device)
+    if not ctx.is_main:
+        logging.getLogger("rdcd").setLevel(logging.WARNING)
+    try:
+        return Trainer(cfg, ctx).run()
+    finally:
+        ctx.close()
