@@ -1,0 +1,94 @@
+"""µAP of a model on a DISC-layout benchmark, with the images decoded once and reused.
+
+The fallback loop evaluates many variants of one model: decoding and resizing the benchmark each time would
+dominate, so :class:`BenchImages` keeps the preprocessed uint8 arrays (resized exactly as
+:func:`rdcd.validate.evaluate.describe` does, through :func:`rdcd.validate.extract.load_images`) and scores
+with :func:`rdcd.validate.evaluate.evaluate_descriptors`. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from rdcd.benchmark import Benchmark, load_benchmark
+from rdcd.errors import RdcdError
+from rdcd.fsutil import sha256
+from rdcd.preprocess import PreprocessSpec
+from rdcd.validate.evaluate import Descriptors, EvalResult, evaluate_descriptors
+from rdcd.validate.extract import load_images
+
+log = logging.getLogger(__name__)
+
+Embedder = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclasses.dataclass
+class BenchImages:
+    bench: Benchmark
+    spec: PreprocessSpec
+    queries: np.ndarray
+    refs: np.ndarray
+    query_ids: list[str]
+    ref_ids: list[str]
+    training: np.ndarray | None
+    gt_sha256: str
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, spec: PreprocessSpec, with_training: bool = True) -> "BenchImages":
+        bench = load_benchmark(path)
+        q, qk = load_images(bench.queries.paths, spec)
+        r, rk = load_images(bench.references.paths, spec)
+        t = None
+        if with_training and bench.training is not None and len(bench.training):
+            t, _ = load_images(bench.training.paths, spec)
+        return cls(bench, spec, q, r, [bench.queries.ids[i] for i in qk], [bench.references.ids[i] for i in rk], t,
+                   sha256(bench.gt_path))
+
+    @property
+    def root(self) -> Path:
+        return self.bench.root
+
+    def describe(self, embedder: Embedder, batch_size: int = 32, with_training: bool = False) -> Descriptors:
+        t0 = time.perf_counter()
+        q = run_batched(embedder, self.queries, batch_size)
+        r = run_batched(embedder, self.refs, batch_size)
+        t = run_batched(embedder, self.training, batch_size) if with_training and self.training is not None else None
+        return Descriptors(self.query_ids, q, self.ref_ids, r, t, time.perf_counter() - t0)
+
+    def evaluate(self, desc: Descriptors) -> EvalResult:
+        return evaluate_descriptors(self.bench, desc)
+
+    def micro_ap(self, embedder: Embedder, batch_size: int = 32) -> float:
+        return float(self.evaluate(self.describe(embedder, batch_size)).metrics.micro_ap)
+
+    def info(self) -> dict:
+        return {"path": str(Path(self.root).resolve()), "ground_truth_sha256": self.gt_sha256, "queries": len(self.query_ids),
+                "references": len(self.ref_ids), "true_pairs": self.bench.num_positives}
+
+
+def run_batched(embedder: Embedder, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    out = []
+    for i in range(0, len(images), batch_size):
+        emb = np.asarray(embedder(images[i: i + batch_size]), dtype=np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(images[i: i + batch_size]):
+            raise RdcdError(f"model returned shape {emb.shape} for a batch of {len(images[i: i + batch_size])}")
+        if not np.all(np.isfinite(emb)):
+            raise RdcdError("model returned non-finite descriptors")
+        out.append(emb)
+    return np.concatenate(out)
+
+
+def accuracy_block(bench: BenchImages, fp32_uap: float, uap: float, runtime: str, simulated: bool,
+                   **extra) -> dict:
+    """The ``accuracy`` entry of a quantized artifact in ``manifest.json``."""
+    return {"benchmark": str(Path(bench.root).resolve()), "ground_truth_sha256": bench.gt_sha256,
+            "fp32_micro_ap": round(float(fp32_uap), 6), "micro_ap": round(float(uap), 6),
+            "drop": round(float(fp32_uap) - float(uap), 6), "runtime": runtime, "simulated": bool(simulated),
+            **extra}

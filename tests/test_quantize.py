@@ -1,0 +1,317 @@
+"""rdcd.quantize: real (tiny) student, real ONNX Runtime / NNCF / OpenVINO / coremltools, real benchmark."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import TEST_SIZE
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def base_export(student_run, tmp_path_factory) -> Path:
+    """An export directory as rdcd-export writes it: model.onnx (FP32, uint8 NHWC) + manifest.json."""
+    from rdcd.export.onnx_export import export_onnx
+    from rdcd.manifest import Manifest, io_spec
+    from rdcd.model import load_student
+
+    student = load_student(student_run)
+    out = tmp_path_factory.mktemp("export") / "exp"
+    export_onnx(student, out / "model.onnx", TEST_SIZE)
+    m = Manifest(out)
+    m.data["source"] = {"kind": "student", "checkpoint": str(student_run), "dim": 128}
+    m.data["preprocess"] = student.config.preprocess().to_dict()
+    inp, outp = io_spec(TEST_SIZE, 128)
+    m.upsert({"name": "onnx-fp32", "target": "onnx", "precision": "fp32", "path": "model.onnx",
+              "runtime": "onnxruntime", "input": inp, "output": outp, "produced_by": {"tool": "test"},
+              "status": "ok"})
+    m.save()
+    return out
+
+
+@pytest.fixture()
+def export_dir(base_export, tmp_path) -> Path:
+    dst = tmp_path / "exp"
+    shutil.copytree(base_export, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def calib_dir(tiny_bench) -> Path:
+    """Real photos: the tiny benchmark's background images (18)."""
+    return tiny_bench / "training"
+
+
+@pytest.fixture(scope="module")
+def calib_images(calib_dir) -> np.ndarray:
+    from rdcd.preprocess import PreprocessSpec
+    from rdcd.quantize.calib import load_calibration
+
+    return load_calibration(calib_dir, PreprocessSpec(size=TEST_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3), 12).images
+
+
+@pytest.fixture(scope="module")
+def blank_calib_dir(tmp_path_factory) -> Path:
+    """A deliberately crippled calibration set: black images (every activation range collapses)."""
+    d = tmp_path_factory.mktemp("blank")
+    for i in range(4):
+        Image.new("RGB", (64, 64), (0, 0, 0)).save(d / f"blank{i}.png")
+    return d
+
+
+def _manifest(d: Path) -> dict:
+    return json.loads((d / "manifest.json").read_text())
+
+
+def _art(d: Path, name: str) -> dict:
+    return next(a for a in _manifest(d)["artifacts"] if a["name"] == name)
+
+
+# -------------------------------------------------------------------------------------- calibration
+def test_calibration_refuses_empty_dir_and_too_few(tmp_path, calib_dir):
+    from rdcd.errors import RdcdError
+    from rdcd.preprocess import PreprocessSpec
+    from rdcd.quantize.calib import load_calibration
+
+    spec = PreprocessSpec(size=32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RdcdError, match="no readable calibration images"):
+        load_calibration(empty, spec, 1)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.jpg").write_bytes(b"not a jpeg")
+    (bad / "zero.png").write_bytes(b"")
+    with pytest.raises(RdcdError, match="no readable calibration images"):
+        load_calibration(bad, spec, 1)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for p in sorted(calib_dir.iterdir())[:3]:
+        shutil.copy(p, mixed / p.name)
+    (mixed / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    with pytest.raises(RdcdError, match=r"only 3 readable calibration images .*asked for 5.*1 unreadable"):
+        load_calibration(mixed, spec, 5)
+    cs = load_calibration(mixed, spec, 3)  # the corrupt file is skipped, not fatal
+    assert cs.images.shape == (3, 32, 32, 3) and cs.images.dtype == np.uint8 and len(cs.skipped) == 1
+    # benchmark images are left out: excluding all of them leaves nothing
+    with pytest.raises(RdcdError, match="4 used by the benchmark"):
+        load_calibration(mixed, spec, 1, exclude_names=[p.name for p in mixed.iterdir()])
+
+
+def test_cli_bad_inputs_exit_2(export_dir, tmp_path, calib_dir, capsys):
+    from rdcd.quantize.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["--exports", str(export_dir), "--calib-dir", str(empty), "--target", "onnx"]) == 2
+    assert "no readable calibration images" in capsys.readouterr().err
+    assert main(["--exports", str(export_dir), "--calib-dir", str(calib_dir), "--calib-count", "500",
+                 "--target", "onnx"]) == 2
+    assert "only 18 readable calibration images" in capsys.readouterr().err
+    assert main(["--exports", str(tmp_path / "nope"), "--calib-dir", str(calib_dir)]) == 2
+    assert "export directory not found" in capsys.readouterr().err
+    assert main(["--exports", str(export_dir), "--calib-dir", str(calib_dir), "--target", "jetson"]) == 2
+    assert "unknown target 'jetson'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit 2
+        main(["--exports", str(export_dir), "--calib-dir", str(calib_dir), "--method", "magic"])
+    assert exc.value.code == 2
+    (export_dir / "manifest.json").write_text("{not json")
+    assert main(["--exports", str(export_dir), "--calib-dir", str(calib_dir)]) == 2
+    assert "malformed" in capsys.readouterr().err
+    assert not (export_dir / "model.int8.onnx").exists()
+
+
+# ------------------------------------------------------------------------------------------- ONNX
+def test_onnx_qdq_models_are_valid_and_run(base_export, calib_images, tmp_path):
+    from rdcd.quantize.onnx_ptq import OnnxQuantizer, OrtEmbedder, Recipe, check_qdq
+    from rdcd.validate.runtimes import OnnxRuntimeRunner
+
+    with OnnxQuantizer(base_export / "model.onnx", calib_images) as q:
+        assert q.float_nodes and all(n in q.float_nodes for n in q.float_nodes[:2])
+        assert "backbone.conv_stem" in q.units and "projector" in q.units
+        cpu = q.quantize(tmp_path / "cpu.onnx", Recipe())
+        trt = q.quantize(tmp_path / "trt.onnx", Recipe.tensorrt())
+    fp32 = OnnxRuntimeRunner(base_export / "model.onnx", threads=2)(calib_images)
+    for path, zp_dtype in ((cpu, "uint8"), (trt, "int8")):
+        facts = check_qdq(path)
+        assert facts["quantize_linear"] > 20 and facts["dequantize_linear"] > 20
+        assert facts["input_name"] == "image" and facts["input_dtype"] == "UINT8"  # uint8 input kept
+        assert facts["quantized_layers"] >= 45  # every conv of lite0 + fc/projector
+        assert facts["per_channel_weights"] == facts["weight_dequantize"] == facts["quantized_layers"]
+        assert facts["activation_dtypes"] == [zp_dtype]
+        out = OnnxRuntimeRunner(path, threads=2)(calib_images)  # the gate's runner loads and runs it
+        assert out.shape == (len(calib_images), 128) and np.all(np.isfinite(out))
+    assert check_qdq(trt)["activation_zero_points"] == [0]  # symmetric: what TensorRT requires
+    # descriptors stay close to FP32 (this 96 px student has an untrained random head: the bar is loose, but
+    # a broken quantization gives cosines near 0): the CPU model with ORT's integer kernels, the TensorRT
+    # input with QDQ reference semantics (TensorRT's arithmetic; ORT's x86 kernels saturate on it)
+    for out in (OnnxRuntimeRunner(cpu, threads=2)(calib_images), OrtEmbedder(trt, reference=True)(calib_images)):
+        cos = np.sum(out * fp32, axis=1) / np.linalg.norm(out, axis=1)
+        assert cos.mean() > 0.85 and cos.min() > 0.6, cos
+    import onnx
+
+    first = [n for n in onnx.load(str(cpu)).graph.node if "image" in n.input]
+    assert {n.op_type for n in first} <= {"Cast", "Shape", "Transpose"}  # the uint8 head stays float
+
+
+def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench, blank_calib_dir):
+    """Calibrating on black images ruins every activation range; the loop must keep layers in float
+    until the µAP drop shrinks, and record them."""
+    from rdcd.quantize.api import quantize_export
+
+    arts = quantize_export(export_dir, blank_calib_dir, calib_count=4, benchmark=tiny_bench, max_drop=0.02,
+                           targets=("onnx",), method="minmax", engine="ort", with_tensorrt=False, codes=False,
+                           raise_on_drop=False, max_fallback_steps=8)
+    art = arts[0]
+    report = json.loads((export_dir / "quantize_report.json").read_text())
+    steps = report["targets"]["onnx"]["fallback"]["steps"]
+    assert steps[0]["float_layers"] == 0 and steps[0]["drop"] > 0.05, steps[0]  # the crippled model is bad
+    assert len(steps) >= 2
+    assert art["accuracy"]["drop"] < steps[0]["drop"] - 0.03  # ... and the loop really recovers µAP
+    assert art["accuracy"]["drop"] <= 0.02
+    assert art["fallback_layers"] and art["fallback_layers"] == steps[-1]["excluded"]
+    assert [s["float_layers"] for s in steps] == sorted(s["float_layers"] for s in steps)
+    sens = report["sensitivity"]
+    assert sens[0]["sqnr_db"] <= sens[-1]["sqnr_db"] and art["fallback_layers"][0] == sens[0]["layer"]
+    m = _art(export_dir, "onnx-int8")
+    assert m["fallback_layers"] == art["fallback_layers"] and m["reference"] == "onnx-fp32"
+
+
+def test_cli_exit_1_when_drop_stays_too_large_and_work_is_kept(export_dir, tiny_bench, blank_calib_dir, capsys):
+    from rdcd.quantize.cli import main
+
+    code = main(["--exports", str(export_dir), "--calib-dir", str(blank_calib_dir), "--calib-count", "4",
+                 "--benchmark", str(tiny_bench), "--target", "tensorrt", "--no-fallback", "--no-codes",
+                 "--method", "minmax", "--max-drop", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "tensorrt-int8" in err and "above --max-drop" in err
+    art = _art(export_dir, "tensorrt-int8")  # written all the same
+    assert (export_dir / art["path"]).is_file() and art["status"] == "not_checkable"
+    assert "trtexec" in art["command"] and "--int8" in art["command"]
+    assert art["accuracy"]["drop"] > 0.01
+
+
+# ------------------------------------------------------------------------- every target, end to end
+def test_quantize_export_all_targets(export_dir, tiny_bench, calib_dir, student_run):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    pytest.importorskip("coremltools")
+    from rdcd.fsutil import sha256
+    from rdcd.quantize.api import quantize_export
+
+    arts = quantize_export(export_dir, calib_dir, calib_count=12, benchmark=tiny_bench, max_drop=0.05,
+                           targets=("onnx", "openvino", "coreml"), method="minmax", engine="ort",
+                           max_fallback_steps=2, raise_on_drop=False)
+    names = {a["name"] for a in arts}
+    assert names == {"onnx-int8", "tensorrt-int8", "openvino-int8", "coreml-w8a8", "coreml-w8"}
+    m = _manifest(export_dir)
+    gt_sha = sha256(tiny_bench / "ground_truth.csv")
+    for name in names:
+        a = next(x for x in m["artifacts"] if x["name"] == name)
+        assert (export_dir / a["path"]).exists(), name
+        assert a["reference"] == "onnx-fp32" and a["sha256"] and a["size_bytes"] > 0
+        acc = a["accuracy"]
+        assert acc["ground_truth_sha256"] == gt_sha and Path(acc["benchmark"]) == tiny_bench.resolve()
+        assert 0 < acc["micro_ap"] <= 1 and abs(acc["fp32_micro_ap"] - acc["micro_ap"] - acc["drop"]) < 1e-5
+        assert a["calibration"]["images"] == 12
+    onnx_art = next(x for x in m["artifacts"] if x["name"] == "onnx-int8")
+    assert onnx_art["status"] == "ok" and onnx_art["accuracy"]["simulated"] is False
+    trt = next(x for x in m["artifacts"] if x["name"] == "tensorrt-int8")
+    assert trt["target"] == "tensorrt" and trt["status"] == "not_checkable" and trt["accuracy"]["simulated"]
+    assert (export_dir / "tensorrt" / "build_engine_int8.sh").read_text().count("trtexec --onnx=tensorrt/model-int8.onnx") == 1
+
+    # OpenVINO INT8 via NNCF: FakeQuantize ops, runs in OpenVINO
+    from rdcd.validate.runtimes import OpenVINORunner
+
+    ov = next(x for x in m["artifacts"] if x["name"] == "openvino-int8")
+    assert ov["status"] == "ok" and ov["fake_quantize_ops"] > 20 and ov["accuracy"]["runtime"] == "openvino"
+    out = OpenVINORunner(export_dir / ov["path"], threads=2)(np.zeros((2, TEST_SIZE, TEST_SIZE, 3), np.uint8))
+    assert out.shape == (2, 128)
+
+    # Core ML: W8A8 iOS 17 package with quantized activations, W8 with int8 weights; µAP simulated off macOS
+    w8a8 = next(x for x in m["artifacts"] if x["name"] == "coreml-w8a8")
+    w8 = next(x for x in m["artifacts"] if x["name"] == "coreml-w8")
+    assert w8a8["precision"] == "w8a8" and w8["precision"] == "w8"
+    assert w8a8["mlpackage"]["specification_version"] >= 8  # iOS 17
+    assert w8a8["mlpackage"]["quantize_ops"] > 20 and w8a8["mlpackage"]["constexpr_dequant_ops"] > 40
+    assert w8["mlpackage"]["constexpr_dequant_ops"] > 40 and w8["mlpackage"]["quantize_ops"] == 0
+    assert w8a8["mlpackage"]["inputs"] == ["image"] and w8a8["mlpackage"]["outputs"] == ["descriptor"]
+    if platform.system() != "Darwin":
+        for a in (w8a8, w8):
+            assert a["status"] == "not_checkable" and "macOS" in a["reason"]
+            assert a["accuracy"]["simulated"] is True and "simulated in PyTorch" in a["accuracy"]["runtime"]
+
+    # the saved simulation state rebuilds the same simulated model without calibrating again
+    from rdcd.model import load_student
+    from rdcd.quantize.coreml_ptq import load_w8a8_simulation
+    from rdcd.quantize.accuracy import BenchImages
+    from rdcd.preprocess import PreprocessSpec
+
+    sim = load_w8a8_simulation(load_student(student_run), export_dir / w8a8["simulation"]["path"])
+    bench = BenchImages.load(tiny_bench, PreprocessSpec.from_dict(m["preprocess"]), with_training=False)
+    assert abs(bench.micro_ap(sim.embedder()) - w8a8["accuracy"]["micro_ap"]) < 1e-6
+
+    # the report: calibration, per-layer SQNR, fallback steps, codes; the codec file
+    report = json.loads((export_dir / "quantize_report.json").read_text())
+    assert report["calibration"]["images"] == 12 and report["sensitivity"][0]["sqnr_db"] is not None
+    codes = {r["code"]: r for r in report["codes"]}
+    assert codes["int8"]["bytes_per_image"] == 128 and codes["binary"]["bytes_per_image"] == 16
+    assert codes["float32"]["index_1m_mb"] == pytest.approx(488.3, abs=0.1)
+    assert json.loads((export_dir / "index_codes.json").read_text())["dim"] == 128
+
+
+# ----------------------------------------------------------------------------------------- codes
+def test_codes_round_trip_and_search():
+    from rdcd.quantize.codes import BinaryCodes, Int8Codes, load_int8_codec
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    int8 = Int8Codes.fit(x)
+    codes = int8.encode(x)
+    assert codes.dtype == np.uint8 and codes.shape == (200, 64) and int8.bytes_per_image == 64
+    step = np.asarray(int8.scales()["vdiff"]) / 255
+    assert np.all(np.abs(int8.decode(codes) - x) <= step * 0.51 + 1e-6)  # within half a quantization step
+    b = BinaryCodes.fit(x, 64)
+    bc = b.encode(x)
+    assert bc.shape == (200, 8) and b.bytes_per_image == 8
+    assert np.array_equal(b.decode_signs(bc) > 0, x - b.mean > 0)
+    sims, idx = b.search(x[:5], x)
+    assert list(idx[:, 0]) == [0, 1, 2, 3, 4] and np.allclose(sims[:, 0], 1.0)
+    s8, i8 = int8.search(x[:5], x)
+    assert list(i8[:, 0]) == [0, 1, 2, 3, 4]
+    import tempfile
+
+    from rdcd.fsutil import write_json
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_json(Path(tmp) / "c.json", {"dim": 64, "int8": int8.scales()})
+        again = load_int8_codec(Path(tmp) / "c.json")
+        assert np.array_equal(again.encode(x), codes)
+
+
+def test_sqnr_and_schedule():
+    from rdcd.quantize.sensitivity import combine_db, exclusion_schedule, fallback_loop, sqnr_db
+
+    x = np.linspace(-1, 1, 1000)
+    assert sqnr_db(x, x) > 100 and sqnr_db(x, x + 0.1) < sqnr_db(x, x + 0.01)
+    assert combine_db(30.0, 30.0) == pytest.approx(30 - 10 * np.log10(2), abs=1e-6)
+    assert exclusion_schedule(51, 8) == [1, 2, 4, 8, 16, 32, 51]
+    assert exclusion_schedule(3, 8) == [1, 2, 3]
+    # a toy model whose µAP recovers once its two bad layers are in float
+    bad = {"a", "b"}
+    res = fallback_loop(lambda ex, i: tuple(ex), lambda ex: 0.5 - 0.1 * len(bad - set(ex)),
+                        ["a", "b", "c", "d"], 0.5, 0.01)
+    assert [s.drop for s in res.steps] == pytest.approx([0.2, 0.1, 0.0]) and res.chosen.excluded == ["a", "b"]
+    assert res.holds
