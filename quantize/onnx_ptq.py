@@ -131,6 +131,8 @@ def quant_units(model, float_node_names: Sequence[str] = ()) -> dict[str, list[s
     A weight layer (named by its module) together with the activation that reads only its output (the
     Clip/ReLU that QDQ folds into the layer's quantizer), and every other quantizable op (residual Add,
     Mul, Concat, pooling; named by its node), so that excluding every unit gives back the float model.
+    An op of the second kind also lists the weight layers that produce its inputs: their outputs carry the
+    Q/DQ pair that makes its input noise, and excluding the op alone would leave that pair in place.
     """
     inits = {i.name for i in model.graph.initializer}
     consumers: dict[str, list] = {}
@@ -138,6 +140,9 @@ def quant_units(model, float_node_names: Sequence[str] = ()) -> dict[str, list[s
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     skip = set(float_node_names)
+    by_name = {n.name: n for n in model.graph.node}
+    layer_names = {n.name for n in model.graph.node
+                   if n.op_type in LAYER_OPS and len(n.input) > 1 and n.input[1] in inits}
     units: dict[str, list[str]] = {}
     grouped: set[str] = set()
     for node in model.graph.node:
@@ -153,6 +158,16 @@ def quant_units(model, float_node_names: Sequence[str] = ()) -> dict[str, list[s
         elif node.op_type in OTHER_QUANT_OPS:
             grouped.add(node.name)
             units[node.name] = [node.name]
+    owner = {n: u for u, nodes in units.items() if nodes[0] in layer_names for n in nodes}
+    producer = {o: n.name for n in model.graph.node for o in n.output}
+    for unit, nodes in units.items():
+        if nodes[0] in layer_names:
+            continue
+        node = by_name[nodes[0]]
+        for i in node.input:
+            feeding = owner.get(producer.get(i, ""))
+            if feeding is not None:
+                nodes.extend(n for n in units[feeding] if n not in nodes)
     return units
 
 
@@ -314,7 +329,7 @@ class OnnxQuantizer:
         if unknown:
             raise RdcdError(f"unknown layer(s) {', '.join(unknown[:3])}: the model's layers are e.g. "
                             f"{', '.join(list(self.units)[:3])}")
-        return [n for u in units for n in self.units[u]]
+        return list(dict.fromkeys(n for u in units for n in self.units[u]))
 
     def quantize(self, out_path: str | os.PathLike, recipe: Recipe, exclude_layers: Sequence[str] = ()) -> Path:
         exclude = self.float_nodes + self.node_names(exclude_layers)

@@ -1,19 +1,29 @@
 """``rdcd-demo``: the main job, end to end on a built-in default (small, CPU, minutes).
 
-1. build the demo benchmark (held-out training-pool images when the pool is there, else scikit-image photos);
-2. evaluate the baselines on it: the offline SSCD teacher, PDQ, and the untrained student;
-3. print the µAP table and write it to ``runs/demo/summary.json``.
+1. **benchmark**: a DISC2021-layout benchmark of held-out training-pool images and their edited copies
+   (scikit-image photos when the pool is absent);
+2. **baselines**: the offline SSCD teacher, its MobileNetV4 peer, PDQ and the untrained student on it;
+3. **distill**: a short RDCD run of the student from the offline teacher (``rdcd-distill``);
+4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (``rdcd-export``);
+5. **quantize**: INT8 for every target, calibrated on pool images outside the benchmark (``rdcd-quantize``);
+6. **validate**: the INT8 accuracy gate and latency table, with a report (``rdcd-validate``).
+
+Each stage runs the same command a user would type (printed before it runs); a re-run reuses the
+benchmark and the teacher-feature cache. Exit status: that of the first stage that fails, else 0.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import shlex
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from rdcd import cli
+from rdcd.errors import RdcdError
 
 log = logging.getLogger("rdcd.demo")
 
@@ -21,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POOL = REPO.parent / "shared" / "data" / "train-pool"
 
 
-def _table(rows: list[dict], title: str) -> None:
+def _baseline_table(rows: list[dict], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -31,50 +41,147 @@ def _table(rows: list[dict], title: str) -> None:
     for r in rows:
         t.add_row(r["model"], str(r["dim"]), f"{r['micro_ap']:.4f}", f"{r['recall_at_p90']:.4f}",
                   f"{r['acc_at_1']:.4f}", f"{r['seconds']:.1f}")
-    Console(width=110).print(t)
+    Console(width=120).print(t)
+
+
+def _stage(name: str, prog: str, entry: Callable[[Sequence[str]], int], argv: list[str], timings: dict) -> int:
+    print(f"\n=== {name}: {prog} {shlex.join(argv)}", flush=True)
+    t0 = time.time()
+    try:
+        code = entry(argv)
+    except SystemExit as exc:  # argparse inside a stage
+        code = exc.code if isinstance(exc.code, int) else 2
+    except RdcdError as exc:  # one line, like the stage's own command would print
+        print(f"{prog}: error: {exc}", flush=True)
+        code = exc.exit_code
+    code = 0 if code is None else int(code)
+    timings[name] = round(time.time() - t0, 1)
+    print(f"=== {name}: exit {code} after {timings[name]} s", flush=True)
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(_main, argv)
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    p = cli.ArgumentParser(prog="rdcd-demo", description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(prog="rdcd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
     p.add_argument("--train-dir", default=str(DEFAULT_POOL), help="unlabeled training images (default: ../shared/data/train-pool)")
-    p.add_argument("--holdout", type=int, default=600, help="images of the pool held out for the benchmark")
+    p.add_argument("--holdout", type=int, default=600, help="pool images held out for the benchmark (default 600)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--size", type=int, default=224)
-    a = p.parse_args(argv)
+    p.add_argument("--size", type=int, default=128, help="student input size (default 128: CPU-sized)")
+    p.add_argument("--teacher-size", type=int, default=224, help="the teacher sees the student's view at this size")
+    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.0015, help="peak learning rate (default 0.0015 at batch 32)")
+    p.add_argument("--queue", type=int, default=1024,
+                   help="MoCo key queue and RSD teacher queue (default 1024: below one epoch of the pool, so a queue "
+                        "never holds the same image's previous view)")
+    p.add_argument("--cache-views", type=int, default=1,
+                   help="teacher-cache views per training image (default 1: one teacher pass per image)")
+    p.add_argument("--calib-count", type=int, default=300, help="INT8 calibration images (default 300)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="gate: largest INT8 µAP drop (default 0.01)")
+    p.add_argument("--stages", default="bench,baselines,distill,export,quantize,validate",
+                   help="comma list of stages to run (default: all)")
+    return p
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    a = build_parser().parse_args(argv)
     cli.setup_logging()
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"bench", "baselines", "distill", "export", "quantize", "validate"}
+    if unknown:
+        raise RdcdError(f"unknown stage(s) {', '.join(sorted(unknown))}")
     from rdcd.benchmark import load_benchmark
+    from rdcd.fsutil import write_json
     from rdcd.validate.demo import DemoConfig, build_demo
-    from rdcd.validate.evaluate import describe, evaluate_descriptors
-    from rdcd.validate.models import resolve_model
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    timings: dict[str, float] = {}
     pool = Path(a.train_dir)
     if pool.is_dir():
         bench_dir = build_demo(out / "bench", DemoConfig(source=str(pool), holdout=a.holdout))
+        train_dir = pool
     else:
-        log.warning("training pool %s not found: using the scikit-image demo benchmark", pool)
+        log.warning("training pool %s not found: benchmark and training from scikit-image photos", pool)
         bench_dir = build_demo(out / "bench-skimage", DemoConfig(source="skimage"))
+        train_dir = bench_dir / "training"
+    timings["bench"] = round(time.time() - t0, 1)
     bench = load_benchmark(bench_dir)
-    log.info("benchmark %s: %s", bench_dir, bench.summary())
-    rows = []
-    for spec in ("teacher", "pdq", f"student:{a.backbone}:{a.dim}"):
-        emb, pspec, label = resolve_model(spec, size=a.size if spec.startswith("student") else None)
-        desc = describe(bench, emb, pspec, label=label)
-        res = evaluate_descriptors(bench, desc)
-        rows.append({"model": label, **res.row(), "seconds": desc.seconds})
-    _table(rows, f"Copy detection on {bench_dir} ({bench.summary()['queries']} queries)")
-    summary = {"benchmark": str(bench_dir), "benchmark_summary": bench.summary(), "baselines": rows,
-               "wall_seconds": round(time.time() - t0, 1)}
-    from rdcd.fsutil import write_json
+    print(f"benchmark {bench_dir}: {json.dumps(bench.summary())}")
+    summary: dict = {"benchmark": str(bench_dir), "benchmark_summary": bench.summary(), "stages": {}}
 
+    if "baselines" in stages:
+        from rdcd.validate.evaluate import describe, evaluate_descriptors
+        from rdcd.validate.models import resolve_model
+
+        t1 = time.time()
+        rows = []
+        for spec in ("teacher", "sscd-distilled", "pdq", f"student:{a.backbone}:{a.dim}"):
+            emb, pspec, label = resolve_model(spec, size=a.size if spec.startswith("student") else None)
+            desc = describe(bench, emb, pspec, label=label)
+            rows.append({"model": label, **evaluate_descriptors(bench, desc).row(), "seconds": desc.seconds})
+        timings["baselines"] = round(time.time() - t1, 1)
+        _baseline_table(rows, f"Baselines on {bench_dir} ({bench.summary()['queries']} queries)")
+        summary["baselines"] = rows
+
+    run_dir, export_dir, report_dir = out / "run", out / "export", out / "report"
+    code = 0
+    if "distill" in stages and code == 0:
+        from rdcd.distill.cli import _main as distill
+
+        argv_ = ["--train-dir", str(train_dir), "--out", str(run_dir), "--backbone", a.backbone, "--dim", str(a.dim),
+                 "--input-size", str(a.size), "--teacher-size", str(a.teacher_size), "--batch-size", str(a.batch_size),
+                 "--max-steps", str(a.steps), "--lr", str(a.lr), "--warmup-steps", str(max(1, a.steps // 10)),
+                 "--cache", str(out / "teacher-cache"), "--cache-views", str(a.cache_views),
+                 "--queue-size", str(a.queue), "--rsd-queue-size", str(a.queue),
+                 "--ckpt-every", str(max(1, a.steps // 5)), "--eval-benchmark", str(bench_dir)]
+        if pool.is_dir():
+            argv_ += ["--exclude-benchmark", str(bench_dir)]
+        if (run_dir / "model.safetensors").exists():
+            print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
+        else:
+            if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
+                argv_.append("--resume")
+            code = _stage("distill", "rdcd-distill", distill, argv_, timings)
+    if "export" in stages and code == 0:
+        from rdcd.export.cli import _main as export
+
+        code = _stage("export", "rdcd-export", export,
+                      ["--checkpoint", str(run_dir), "--target", "all", "--out", str(export_dir)], timings)
+    if "quantize" in stages and code == 0:
+        from rdcd.quantize.cli import _main as quantize
+
+        calib_count = a.calib_count
+        if not pool.is_dir():  # the scikit-image fallback has only a few dozen background images
+            from rdcd.imageio import list_images
+
+            calib_count = min(calib_count, len(list_images(train_dir)))
+            log.warning("calibrating on the %d scikit-image background images (fewer than %d)", calib_count, a.calib_count)
+
+        code = _stage("quantize", "rdcd-quantize", quantize,
+                      ["--exports", str(export_dir), "--calib-dir", str(train_dir), "--calib-count", str(calib_count),
+                       "--benchmark", str(bench_dir), "--checkpoint", str(run_dir), "--max-drop", "0.005",
+                       "--latency", "200"], timings)
+        if code == 1:  # the quantize stage's own (stricter) target missed: the gate below decides
+            log.warning("rdcd-quantize: INT8 drop above 0.005 after fallback; the gate (max drop %s) decides", a.max_drop)
+            code = 0
+    if "validate" in stages and code == 0:
+        from rdcd.validate.gate import gate_main
+
+        code = _stage("validate", "rdcd-validate", gate_main,
+                      ["--benchmark", str(bench_dir), "--exports", str(export_dir), "--max-drop", str(a.max_drop),
+                       "--report", str(report_dir)], timings)
+        if (report_dir / "report.md").exists():
+            print(f"report: {report_dir / 'report.md'}")
+    summary["stages"] = timings
+    summary["exit"] = code
+    summary["wall_seconds"] = round(time.time() - t0, 1)
     write_json(out / "summary.json", summary)
-    print(f"summary written to {out / 'summary.json'} ({summary['wall_seconds']} s)")
-    return 0
+    print(f"\nsummary written to {out / 'summary.json'}: wall {summary['wall_seconds']} s, stages {timings}")
+    return code

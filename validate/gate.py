@@ -352,7 +352,8 @@ def _simulated(row: dict, art: dict, bench, gt_sha: str) -> None:
     if sim:
         row.update(simulated=True, micro_ap=sim["micro_ap"], recall_at_p90=sim["recall_at_p90"],
                    acc_at_1=sim["acc_at_1"], runtime=sim["runtime"], simulated_reference_micro_ap=sim["reference_micro_ap"])
-        row["notes"].append("µAP simulated in PyTorch by rdcd-quantize on this benchmark; the runtime itself was not run")
+        how = sim["runtime"] if sim["runtime"] != SIMULATED else "in PyTorch"
+        row["notes"].append(f"µAP simulated by rdcd-quantize on this benchmark ({how}); the runtime itself was not run")
 
 
 def _delta(row: dict, by_name: dict, cfg) -> None:

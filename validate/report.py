@@ -148,8 +148,10 @@ def _delta(row: dict, drop_type: str) -> str:
 
 
 def _runtime(row: dict) -> str:
-    if row.get("simulated"):
-        return "simulated in PyTorch"  # the full label (which tool) is in report.json
+    if row.get("simulated"):  # the full label (which tool) is in report.json
+        if str(row.get("runtime") or "").startswith("onnxruntime"):
+            return "predicted: ORT QDQ ref."  # the TensorRT INT8 row: its QDQ model in reference semantics
+        return "simulated in PyTorch"
     rt = row.get("runtime") or "?"
     ver = str(row.get("runtime_version") or "").split("-")[0]  # OpenVINO: 2026.4.1-22982-<hash>-releases/...
     return f"{rt} {ver}" if ver else rt
