@@ -185,3 +185,9 @@ def _main(argv: Sequence[str] | None) -> int:
     write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}: wall {summary['wall_seconds']} s, stages {timings}")
     return code
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
