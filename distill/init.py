@@ -16,9 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rdcd.errors import MissingDependency, RdcdError
+from rdcd.errors import RdcdError
 
-PHOTO_CHECKS = {"chelsea": set(range(281, 286)), "coffee": {967, 968}}
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -43,27 +42,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def classify_photos(model: nn.Module, mean, std) -> dict[str, Any]:
-    """Top-1 ImageNet class of scikit-image's cat and coffee photos (224 x 224, the contract's resize)."""
-    try:
-        from skimage import data
-    except ImportError:
-        raise MissingDependency("scikit-image", "needed to verify the pretrained init on real photos") from None
-    from PIL import Image
-
+    """:func:`rdcd.model.classify_photos` at 224 px with the given normalisation."""
+    from rdcd.model import classify_photos as classify
     from rdcd.preprocess import PreprocessSpec
 
-    spec = PreprocessSpec(size=224, mean=mean, std=std)
-    out: dict[str, Any] = {"ok": True}
-    model = model.eval()
-    for name, good in PHOTO_CHECKS.items():
-        arr = getattr(data, name)()
-        x = torch.from_numpy(spec.normalize(spec.resize_pil(Image.fromarray(arr))[None]))
-        with torch.no_grad():
-            prob = model(x).softmax(-1)[0]
-        top = int(prob.argmax())
-        out[name] = {"class": top, "prob": round(float(prob[top]), 4), "correct": top in good}
-        out["ok"] &= top in good
-    return out
+    return classify(model, PreprocessSpec(size=224, mean=mean, std=std))
 
 
 def init_from_file(student: nn.Module, backbone: str, path: str | os.PathLike) -> dict[str, Any]:

@@ -182,29 +182,33 @@ def load_pretrained_backbone(backbone: nn.Module, name: str) -> None:
         raise RdcdError(f"pretrained init for {name} left {len(missing)} tensors unset, e.g. {missing[:3]}")
 
 
-def verify_pretrained(backbone: str = "efficientnet_lite0") -> dict[str, Any]:
-    """Classify real photos shipped by scikit-image; return predictions and whether they are right.
+#: real photos scikit-image ships and the ImageNet classes they must land in (cat 281-285, espresso/cup 967/968)
+PHOTO_CHECKS = {"chelsea": set(range(281, 286)), "coffee": {967, 968}}
 
-    The cat must land in ImageNet's cat classes (281-285) and the coffee in espresso/cup (967/968).
-    """
+
+def classify_photos(model: nn.Module, spec: PreprocessSpec) -> dict[str, Any]:
+    """Run an ImageNet classifier on :data:`PHOTO_CHECKS`; return predictions and whether all are right."""
     try:
         from skimage import data
     except ImportError:
         raise MissingDependency("scikit-image", "needed to verify the pretrained init on real photos") from None
-    model = imagenet_classifier(backbone)
-    spec = StudentConfig(backbone=backbone).preprocess()
-    checks = {"chelsea": (data.chelsea(), set(range(281, 286))), "coffee": (data.coffee(), {967, 968})}
-    out: dict[str, Any] = {"ok": True}
     from PIL import Image
 
-    for name, (arr, good) in checks.items():
-        x = torch.from_numpy(spec.normalize(spec.resize_pil(Image.fromarray(arr))[None]))
+    out: dict[str, Any] = {"ok": True}
+    model = model.eval()
+    for name, good in PHOTO_CHECKS.items():
+        x = torch.from_numpy(spec.normalize(spec.resize_pil(Image.fromarray(getattr(data, name)()))[None]))
         with torch.no_grad():
             prob = model(x).softmax(-1)[0]
         top = int(prob.argmax())
         out[name] = {"class": top, "prob": round(float(prob[top]), 4), "correct": top in good}
         out["ok"] &= top in good
     return out
+
+
+def verify_pretrained(backbone: str = "efficientnet_lite0") -> dict[str, Any]:
+    """Classify real photos shipped by scikit-image with the offline ImageNet weights (:func:`classify_photos`)."""
+    return classify_photos(imagenet_classifier(backbone), StudentConfig(backbone=backbone).preprocess())
 
 
 def build_student(config: StudentConfig, pretrained: bool = False) -> Student:
