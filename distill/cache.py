@@ -35,12 +35,13 @@ def fingerprint_id(fingerprint: dict) -> str:
 
 
 class TeacherCache:
-    def __init__(self, root: str | os.PathLike, fingerprint: dict, keys: Sequence[str], views: int, dim: int):
+    def __init__(self, root: str | os.PathLike, fingerprint: dict, keys: Sequence[str], views: int, dim: int,
+                 prefix: str = "teacher"):
         if views < 1:
             raise RdcdError(f"--cache-views must be at least 1, got {views}")
         self.root = Path(root)
         self.fingerprint = fingerprint
-        self.dir = self.root / f"teacher-{fingerprint_id(fingerprint)}"
+        self.dir = self.root / f"{prefix}-{fingerprint_id(fingerprint)}"
         self.views, self.dim = int(views), int(dim)
         index: dict[str, int] = {}
         feats = np.zeros((0, self.views, self.dim), np.float16)
@@ -101,22 +102,31 @@ class TeacherCache:
         return F.normalize(torch.from_numpy(self.feats[self.rows[pos], sl].astype(np.float32)), dim=1)
 
 
-def build_cache(cache: TeacherCache, compute: Callable[[list[tuple[int, int]]], Iterable[tuple[list, np.ndarray]]],
+def build_cache(caches: "TeacherCache | Sequence[TeacherCache]",
+                compute: Callable[[list[tuple[int, int]]], Iterable[tuple[list, "np.ndarray | list[np.ndarray]"]]],
                 chunk: int, rank: int = 0, world: int = 1, gather: Callable | None = None) -> int:
-    """Compute every missing entry, ``chunk`` entries per rank and round; ``compute(items)`` yields
-    (items, features) batches. ``gather`` (all_gather_object) shares each round's results so that
-    every rank ends with the full cache; rank 0 writes it after every round. Returns entries computed."""
-    todo = cache.missing()
+    """Compute every entry missing from any of ``caches`` (one pass for all: e.g. teacher features and
+    the student backbone's features of the same views), ``chunk`` entries per rank and round;
+    ``compute(items)`` yields (items, features) batches, features one array per cache. ``gather``
+    (all_gather_object) shares each round's results so that every rank ends with the full caches;
+    rank 0 writes them after every round. Returns entries computed."""
+    caches = [caches] if isinstance(caches, TeacherCache) else list(caches)
+    todo = sorted(set().union(*(c.missing() for c in caches)))
     done = 0
     per_round = chunk * world
     for start in range(0, len(todo), per_round):
         mine = todo[start + rank * chunk: start + (rank + 1) * chunk]
-        outs = [(list(items), np.asarray(feats, np.float16)) for items, feats in compute(mine)] if mine else []
+        outs = []
+        for items, feats in (compute(mine) if mine else []):
+            feats = feats if isinstance(feats, (list, tuple)) else [feats]
+            outs.append((list(items), [np.asarray(f, np.float16) for f in feats]))
         results = gather(outs) if gather is not None and world > 1 else [outs]
         for part in results:
             for items, feats in part:
-                cache.fill(items, feats)
+                for c, f in zip(caches, feats):
+                    c.fill(items, f)
                 done += len(items)
         if rank == 0:
-            cache.flush()
+            for c in caches:
+                c.flush()
     return done

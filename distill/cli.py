@@ -38,9 +38,12 @@ def build_parser() -> cli.ArgumentParser:
                            epilog="See docs/reports/distill.md for a measured CPU run.",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--train-dir", required=True, help="folder of training images (unlabeled)")
-    g.add_argument("--exclude-benchmark", metavar="BENCH", default=None,
+    g.add_argument("--train-dir", required=True, action="append",
+                   help="folder of training images (unlabeled); repeat it to train on several folders")
+    g.add_argument("--exclude-benchmark", metavar="BENCH", default=None, action="append",
                    help="leave out the images listed in BENCH/sources.csv (a benchmark built from the same folder)")
+    g.add_argument("--max-images", type=int, default=None, metavar="N",
+                   help="train on a fixed subset of N images (chosen by sha1 of the file names) of all --train-dir")
     g.add_argument("--workers", type=int, default=2, help="data-loader processes per training process (default 2)")
     g.add_argument("--canvas", type=int, default=None,
                    help="size of the square canvas the PIL stage works on (default: the view size)")
@@ -76,14 +79,15 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (recipe: 5)")
     g.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps (overrides --warmup-epochs)")
     g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
-    g.add_argument("--align-heads", action="store_true",
-                   help="rdcd: before training, fit the random fc / projector heads to the teacher in closed form "
-                        "(ridge regression onto teacher features, PCA projector); the backbone is untouched")
-    g.add_argument("--align-images", type=int, default=0, help="images used by --align-heads (default: all)")
+    g.add_argument("--bn", choices=("train", "frozen"), default=None,
+                   help="BatchNorm in the full steps: train (batch statistics; running statistics re-estimated on "
+                        "the training views) or frozen (eval mode: ImageNet's running statistics kept). Default: "
+                        "frozen when the head stage runs, else train")
+    g.add_argument("--train-blocks", type=int, default=None,
+                   help="full steps fine-tune only the last N backbone stages and its head conv (default: all)")
     g.add_argument("--backbone-lr-mult", type=float, default=1.0,
                    help="backbone lr = lr x this; the randomly initialised heads use the full lr (default 1)")
-    g.add_argument("--freeze-bn", action="store_true",
-                   help="keep BatchNorm layers in eval mode with their pretrained statistics (short fine-tunes)")
+    g.add_argument("--freeze-bn", action="store_true", help="same as --bn frozen")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
     g.add_argument("--seed", type=int, default=0)
@@ -97,6 +101,27 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--rsd-weight", type=float, default=1.0)
     g.add_argument("--moco-weight", type=float, default=1.0)
     g.add_argument("--hn-weight", type=float, default=5.0, help="hard-negative loss weight")
+    g.add_argument("--hn-ramp-steps", type=int, default=0,
+                   help="ramp the hard-negative weight linearly from 0 over N steps (default 0: full weight at once)")
+    g.add_argument("--moco-momentum-end", type=float, default=None,
+                   help="cosine schedule of the momentum encoder from --moco-momentum to this (default: constant)")
+    g.add_argument("--feature-weight", type=float, default=0.0,
+                   help="+ weight x (1 - cosine) between the student's 512-d feature and the teacher's (default 0)")
+    g.add_argument("--rsd-positive", action="store_true", help="the current teacher feature as the first RSD column")
+    g = p.add_argument_group("head stage (rdcd: heads trained on cached features before the full steps)")
+    g.add_argument("--head-steps", type=int, default=0,
+                   help="steps of head distillation on cached backbone + teacher features of --cache-views views per "
+                        "image, the backbone frozen with its ImageNet BN statistics (default 0: off)")
+    g.add_argument("--head-mode", choices=("rdcd", "rdcd+feature", "feature", "contrastive"), default="rdcd",
+                   help="head-stage losses (default rdcd: RSD + MoCo + ramped hard negatives; see rdcd.distill.heads)")
+    g.add_argument("--head-init", choices=("pca", "pcaw", "random"), default="random",
+                   help="random (default: measured best), or fc by ridge regression onto the teacher and the "
+                        "projector by PCA (pcaw: whitened) of the fit")
+    g.add_argument("--head-hn-weight", type=float, default=1.0,
+                   help="head-stage hard-negative weight (default 1: the paper's 5 collapsed the heads on mixed clip art "
+                        "+ photos; see docs/reports/distill.md)")
+    g.add_argument("--head-lr", type=float, default=1e-3, help="head-stage AdamW learning rate (default 1e-3)")
+    g.add_argument("--head-batch-size", type=int, default=256, help="head-stage batch (default 256)")
     g.add_argument("--infonce-temp", type=float, default=0.05, help="baseline InfoNCE temperature")
     g.add_argument("--entropy-weight", type=float, default=30.0, help="baseline entropy (KoLeo) weight")
     g = p.add_argument_group("run")
@@ -109,6 +134,9 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
     g.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per process")
     g.add_argument("--eval-benchmark", metavar="BENCH", default=None, help="evaluate on this benchmark at the end")
+    g.add_argument("--export-momentum", choices=("auto", "never", "always"), default="auto",
+                   help="save the momentum encoder instead of the student: auto = when it scores higher on "
+                        "--eval-benchmark (use a validation benchmark for that), never, always")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial student")
     g.add_argument("--log-every", type=int, default=10, help="log a line every N steps when there is no progress bar")
@@ -125,13 +153,17 @@ def config_from_args(a: argparse.Namespace):
     pick = lambda name: getattr(a, name) if getattr(a, name) is not None else recipe[name]  # noqa: E731
     out = a.out or f"runs/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
     return TrainConfig(
-        train_dir=a.train_dir, out=out, exclude_benchmark=a.exclude_benchmark, mode=a.mode, recipe=a.recipe,
+        train_dir=a.train_dir[0] if len(a.train_dir) == 1 else a.train_dir, max_images=a.max_images, out=out, exclude_benchmark=(a.exclude_benchmark[0] if a.exclude_benchmark and len(a.exclude_benchmark) == 1
+                           else a.exclude_benchmark), mode=a.mode, recipe=a.recipe,
         backbone=a.backbone, dim=a.dim, input_size=pick("input_size"), pretrained=a.pretrained,
         backbone_weights=a.backbone_weights, teacher=a.teacher,
         teacher_size=a.teacher_size, batch_size=pick("batch_size"), lr=a.lr, base_lr=pick("base_lr"),
         sgd_momentum=a.sgd_momentum, weight_decay=a.weight_decay, epochs=pick("epochs"), max_steps=a.max_steps,
-        warmup_epochs=pick("warmup_epochs"), warmup_steps=a.warmup_steps, clip_grad=a.clip_grad, freeze_bn=a.freeze_bn,
-        backbone_lr_mult=a.backbone_lr_mult, align_heads=a.align_heads, align_images=a.align_images,
+        warmup_epochs=pick("warmup_epochs"), warmup_steps=a.warmup_steps, clip_grad=a.clip_grad,
+        bn="frozen" if a.freeze_bn else (a.bn or ("frozen" if a.head_steps else "train")), train_blocks=a.train_blocks,
+        head_steps=a.head_steps, heads=_head_settings(a), hn_ramp_steps=a.hn_ramp_steps,
+        moco_momentum_end=a.moco_momentum_end, export_momentum=a.export_momentum, feature_weight=a.feature_weight, rsd_positive=a.rsd_positive,
+        backbone_lr_mult=a.backbone_lr_mult,
         queue_size=pick("queue_size"), rsd_queue_size=pick("rsd_queue_size"), moco_momentum=a.moco_momentum,
         moco_temp=a.moco_temp, rsd_temp=a.rsd_temp, rsd_weight=a.rsd_weight, moco_weight=a.moco_weight,
         hn_weight=a.hn_weight, infonce_temp=a.infonce_temp, entropy_weight=a.entropy_weight, canvas=a.canvas,
@@ -139,6 +171,16 @@ def config_from_args(a: argparse.Namespace):
         device=a.device, amp=a.amp, seed=a.seed, threads=a.threads, eval_benchmark=a.eval_benchmark,
         eval_every=a.eval_every, eval_at_start=a.eval_at_start, log_every=a.log_every, progress=a.progress,
         resume=a.resume)
+
+
+def _head_settings(a: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from rdcd.distill.heads import HeadConfig
+
+    return dataclasses.asdict(HeadConfig(steps=a.head_steps, seed=a.seed, mode=a.head_mode, init=a.head_init, lr=a.head_lr, batch_size=a.head_batch_size,
+                                         hn_weight=a.head_hn_weight, moco_temp=a.moco_temp, rsd_temp=a.rsd_temp,
+                                         momentum=a.moco_momentum, rsd_positive=a.rsd_positive))
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -20,13 +20,18 @@ log = logging.getLogger(__name__)
 VIEW_A, VIEW_B = 1, 2
 
 
-def scan_images(train_dir: str | os.PathLike, exclude: set[str] | None = None, workers: int = 4,
-                recursive: bool = False) -> list[Path]:
-    """Readable images of ``train_dir`` minus ``exclude`` (file names); unreadable ones are skipped
-    with a warning. Raises :class:`RdcdError` when nothing usable is left."""
-    paths = list_images(train_dir, recursive=recursive)
-    if not paths:
-        raise RdcdError(f"no images in {train_dir} (looked for jpg, png, webp, ... files)")
+def scan_images(train_dir: "str | os.PathLike | Sequence[str | os.PathLike]", exclude: set[str] | None = None,
+                workers: int = 4, recursive: bool = False) -> list[Path]:
+    """Readable images of ``train_dir`` (one folder or several) minus ``exclude`` (file names); unreadable
+    ones are skipped with a warning. Raises :class:`RdcdError` when nothing usable is left."""
+    dirs = [train_dir] if isinstance(train_dir, (str, os.PathLike)) else list(train_dir)
+    paths = []
+    for d in dirs:
+        found = list_images(d, recursive=recursive)
+        if not found:
+            raise RdcdError(f"no images in {d} (looked for jpg, png, webp, ... files)")
+        paths += found
+    train_dir = ", ".join(map(str, dirs))
     if exclude:
         kept = [p for p in paths if p.name not in exclude]
         log.info("left out %d benchmark images of %d", len(paths) - len(kept), len(paths))

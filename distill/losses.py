@@ -19,14 +19,23 @@ import torch
 import torch.nn.functional as F
 
 
-def rsd_loss(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, tau: float = 0.04) -> torch.Tensor:
+def rsd_loss(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, tau: float = 0.04,
+             mask: torch.Tensor | None = None, positive: bool = False) -> torch.Tensor:
     """KL(softmax(t.Q/tau) || softmax(s.Q/tau)), averaged over the batch.
 
     ``teacher``, ``student``: [N, D] L2-normalised; ``queue``: [K, D] past teacher features.
+    ``mask`` [N, K]: queue entries of the row's own image (earlier views of it), left out of both
+    distributions; ``positive``: the current teacher feature becomes the first column.
     """
     q = queue.float()
-    logit_t = teacher.float() @ q.T / tau
-    logit_s = student.float() @ q.T / tau
+    t, s = teacher.float(), student.float()
+    logit_t = t @ q.T / tau
+    logit_s = s @ q.T / tau
+    if mask is not None:  # a large negative, not -inf: exp() is 0 and the KL term 0 * (a - b) stays finite
+        logit_t, logit_s = logit_t.masked_fill(mask, -1e4), logit_s.masked_fill(mask, -1e4)
+    if positive:
+        logit_t = torch.cat([(t * t).sum(1, keepdim=True) / tau, logit_t], 1)
+        logit_s = torch.cat([(s * t).sum(1, keepdim=True) / tau, logit_s], 1)
     # F.kl_div(input=log q, target=log p, log_target=True) = sum p (log p - log q) = KL(p || q)
     return F.kl_div(F.log_softmax(logit_s, dim=1), F.log_softmax(logit_t, dim=1), reduction="batchmean",
                     log_target=True)

@@ -47,6 +47,7 @@ from rdcd.distill.cache import TeacherCache, build_cache
 from rdcd.distill.data import (CacheViewDataset, Collate, EpochBatches, ViewDataset, image_key, scan_images,
                                steps_per_epoch, worker_init)
 from rdcd.distill.dist import DistContext
+from rdcd.distill.heads import HeadConfig, HeadTrainer, hn_weight_at, momentum_at
 from rdcd.distill.queues import FeatureQueue
 from rdcd.errors import RdcdError
 from rdcd.fsutil import atomic_path, write_json, write_text
@@ -70,9 +71,10 @@ class TrainingDiverged(RdcdError):
 
 @dataclasses.dataclass
 class TrainConfig:
-    train_dir: str = ""
+    train_dir: str | list[str] = ""  # one folder or several
     out: str = ""
-    exclude_benchmark: str | None = None
+    exclude_benchmark: str | list[str] | None = None  # benchmark folder(s) whose source images are left out
+    max_images: int | None = None  # a deterministic subset of the training images (sha1 of the names)
     mode: str = "rdcd"  # rdcd | baseline
     recipe: str = "small"
     backbone: str = "efficientnet_lite0"
@@ -92,9 +94,10 @@ class TrainConfig:
     warmup_epochs: float = 5.0
     warmup_steps: int | None = None
     clip_grad: float | None = None
-    freeze_bn: bool = False  # BN layers use (and keep) their pretrained running statistics
-    align_heads: bool = False  # rdcd: fit the random heads to the teacher before training (closed form)
-    align_images: int = 0  # images used for it (0: all)
+    bn: str = "train"  # train: batch statistics, running statistics updated | frozen: eval mode, ImageNet's kept
+    train_blocks: int | None = None  # fine-tune only the last N backbone stages (+ its head conv); None: all
+    head_steps: int = 0  # rdcd: head distillation on cached features before the full steps (rdcd.distill.heads)
+    heads: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(HeadConfig()))
     backbone_lr_mult: float = 1.0  # backbone lr = lr x this (the random heads learn at the full lr)
     queue_size: int = 2048  # MoCo key queue
     rsd_queue_size: int = 4096  # teacher-feature queue
@@ -104,6 +107,11 @@ class TrainConfig:
     rsd_weight: float = 1.0
     moco_weight: float = 1.0
     hn_weight: float = 5.0
+    hn_ramp_steps: int = 0  # the hard-negative weight ramps linearly from 0 over these steps
+    moco_momentum_end: float | None = None  # cosine schedule of the momentum to this value (None: constant)
+    feature_weight: float = 0.0  # + weight x (1 - cos(student 512-d, teacher)) on view A
+    rsd_positive: bool = False  # the current teacher feature as the first RSD column
+    export_momentum: str = "auto"  # auto: the momentum encoder when it scores higher on eval_benchmark | never | always
     infonce_temp: float = 0.05  # baseline
     entropy_weight: float = 30.0  # baseline
     canvas: int | None = None  # PIL-stage canvas size; default: the view size
@@ -149,7 +157,7 @@ class TrainConfig:
         if self.teacher_size is not None:
             checks.append(("--teacher-size", self.teacher_size, 32))
         if self.max_steps is not None:
-            checks.append(("--max-steps", self.max_steps, 1))
+            checks.append(("--max-steps", self.max_steps, 0 if self.head_steps else 1))
         for flag, value, low in checks:
             if value < low:
                 raise RdcdError(f"{flag} must be at least {low}, got {value}")
@@ -162,6 +170,28 @@ class TrainConfig:
             raise RdcdError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
         if self.workers < 0:
             raise RdcdError(f"--workers must be >= 0, got {self.workers}")
+        if self.export_momentum not in ("auto", "never", "always"):
+            raise RdcdError(f"--export-momentum must be auto, never or always, got {self.export_momentum!r}")
+        if self.bn not in BN_MODES:
+            raise RdcdError(f"unknown --bn {self.bn!r}: use one of {', '.join(BN_MODES)}")
+        if self.train_blocks is not None and self.train_blocks < 0:
+            raise RdcdError(f"--train-blocks must be >= 0, got {self.train_blocks}")
+        if self.max_images is not None and self.max_images < 1:
+            raise RdcdError(f"--max-images must be at least 1, got {self.max_images}")
+        if self.head_steps < 0:
+            raise RdcdError(f"--head-steps must be >= 0, got {self.head_steps}")
+        if self.head_steps and self.mode != "rdcd":
+            raise RdcdError("--head-steps needs --mode rdcd (the heads learn from cached teacher features)")
+        self.head_config().validate()
+
+    def head_config(self) -> HeadConfig:
+        fields = {f.name for f in dataclasses.fields(HeadConfig)}
+        return HeadConfig(**{k: v for k, v in self.heads.items() if k in fields})
+
+    @property
+    def cache_dir(self) -> str | None:
+        """The feature cache: ``cache``, or ``<out>/cache`` when the head stage needs one."""
+        return self.cache or (str(Path(self.out) / "cache") if self.head_steps and self.mode == "rdcd" else None)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -201,14 +231,39 @@ def _set_rng_state(state: dict) -> None:
             pass
 
 
-def _train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Train mode; with ``freeze_bn`` the BatchNorm layers stay in eval mode (running statistics used and
-    kept: short fine-tunes from ImageNet weights otherwise drift them towards the augmented views)."""
+BN_MODES = ("train", "frozen")
+
+
+def _train_mode(model: nn.Module, bn: str = "train", frozen: set[int] | None = None) -> None:
+    """Train mode; with ``bn="frozen"`` the BatchNorm layers stay in eval mode (ImageNet running statistics
+    used and kept: a short fine-tune otherwise overwrites them with the augmented views' statistics within
+    ~30 steps, most of its µAP loss). Modules in ``frozen`` (ids; untrained backbone stages) stay in eval."""
     model.train()
-    if freeze_bn:
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+    for m in model.modules():
+        if (bn == "frozen" and isinstance(m, nn.modules.batchnorm._BatchNorm)) or (frozen and id(m) in frozen):
+            m.eval()
+
+
+def freeze_lower_stages(student: nn.Module, train_blocks: int | None) -> set[int]:
+    """Freeze all but the last ``train_blocks`` stages of the backbone (and its head conv/BN); return the
+    ids of the frozen modules (kept in eval mode)."""
+    if train_blocks is None:
+        return set()
+    bb = student.backbone
+    blocks = getattr(bb, "blocks", None)
+    if blocks is None:
+        raise RdcdError(f"--train-blocks: backbone {type(bb).__name__} has no .blocks to count from")
+    keep = {id(m) for b in list(blocks)[len(blocks) - train_blocks:] for m in b.modules()} if train_blocks else set()
+    for name in ("conv_head", "bn2"):
+        if hasattr(bb, name):
+            keep |= {id(m) for m in getattr(bb, name).modules()}
+    frozen = set()
+    for m in bb.modules():
+        if id(m) not in keep and not any(True for _ in m.children()):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+            frozen.add(id(m))
+    return frozen
 
 
 def evaluate_student(student: nn.Module, bench: str | os.PathLike, device, batch_size: int = 64) -> dict:
@@ -246,6 +301,8 @@ class Trainer:
         self.momentum: nn.Module | None = None
         self.moco_queue = self.rsd_queue = None
         self.cache_rate = None
+        self.heads_result: dict | None = None
+        self.backbone_cache: TeacherCache | None = None
         self._metrics_fh = None
 
     # ---------------------------------------------------------------- setup
@@ -257,21 +314,30 @@ class Trainer:
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
         exclude: set[str] = set()
-        if cfg.exclude_benchmark:
+        benches = [cfg.exclude_benchmark] if isinstance(cfg.exclude_benchmark, str) else (cfg.exclude_benchmark or [])
+        if benches:
             from rdcd.validate.demo import used_sources
 
-            if not (Path(cfg.exclude_benchmark) / "sources.csv").exists():
-                raise RdcdError(f"--exclude-benchmark {cfg.exclude_benchmark}: no sources.csv there "
-                                "(a benchmark built by rdcd-validate build-demo lists its source images in it)")
-            exclude = used_sources(cfg.exclude_benchmark)
+            for bench in benches:
+                if not (Path(bench) / "sources.csv").exists():
+                    raise RdcdError(f"--exclude-benchmark {bench}: no sources.csv there "
+                                    "(a benchmark built by rdcd-validate build-demo lists its source images in it)")
+                exclude |= used_sources(bench)
         paths = scan_images(cfg.train_dir, exclude) if ctx.is_main else None
+        if paths and cfg.max_images and len(paths) > cfg.max_images:
+            import hashlib
+
+            keep = set(sorted(paths, key=lambda p: hashlib.sha1(f"rdcd-train:{p.name}".encode()).hexdigest())
+                       [: cfg.max_images])
+            log.info("training on %d of %d images (--max-images)", cfg.max_images, len(paths))
+            paths = [p for p in paths if p in keep]
         self.paths = [Path(p) for p in ctx.broadcast_object([str(p) for p in paths] if paths else None)]
         ckpt_state = self._prepare_out_dir()
         self.n_images = len(self.paths)
         self.spe = steps_per_epoch(self.n_images, cfg.batch_size)
         if self.spe < 1:
             raise RdcdError(f"{self.n_images} training images are fewer than one batch (--batch-size {cfg.batch_size})")
-        self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps or cfg.epochs * self.spe)
+        self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.spe)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * self.spe))
         self.warmup = min(self.warmup, self.total_steps)
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
@@ -309,7 +375,8 @@ class Trainer:
                 self.pretrained_check.update(ok=False, source=None,
                                              note=f"no offline ImageNet weights for {cfg.backbone}: random init")
         self.student = student.to(self.device).to(memory_format=torch.channels_last)
-        _train_mode(self.student, cfg.freeze_bn)
+        self.frozen = freeze_lower_stages(self.student, cfg.train_blocks)
+        _train_mode(self.student, cfg.bn, self.frozen)
         self.model: nn.Module = _Features(self.student)
         if ctx.distributed:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -317,13 +384,15 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.mode == "rdcd":
             self.momentum = copy.deepcopy(self.student)
-            _train_mode(self.momentum, cfg.freeze_bn)
+            mids = {id(a): id(b) for a, b in zip(self.student.modules(), self.momentum.modules())}
+            self.frozen_momentum = {mids[i] for i in self.frozen}
+            _train_mode(self.momentum, cfg.bn, self.frozen_momentum)
             for p in self.momentum.parameters():
                 p.requires_grad_(False)
             self.moco_queue = FeatureQueue(cfg.queue_size, cfg.dim, self.device, random_init=True, seed=cfg.seed)
             self.rsd_queue = FeatureQueue(cfg.rsd_queue_size, feat_dim, self.device)
-        backbone = [p for p in self.student.backbone.parameters()]
-        ids = {id(p) for p in backbone}
+        backbone = [p for p in self.student.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in self.student.backbone.parameters()}
         heads = [p for p in self.student.parameters() if id(p) not in ids]
         groups = [{"params": backbone, "lr_mult": cfg.backbone_lr_mult, "name": "backbone"},
                   {"params": heads, "lr_mult": 1.0, "name": "heads"}]
@@ -332,11 +401,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if (self.amp and self.device.type == "cuda") else None
 
         self.dataset = ViewDataset(self.paths, cfg.canvas_size, cfg.seed, augment.AugConfig.from_dict(cfg.aug),
-                                   cache_views=cfg.cache_views if (cfg.cache and cfg.mode == "rdcd") else 0,
+                                   cache_views=cfg.cache_views if (cfg.cache_dir and cfg.mode == "rdcd") else 0,
                                    overlays=cfg.overlays)
         if ckpt_state is not None:
             self._load_checkpoint(ckpt_state)
-        if cfg.cache and cfg.mode == "rdcd":
+        if cfg.cache_dir and cfg.mode == "rdcd":
             self._setup_cache()
         if ctx.is_main:
             write_json(self.out / TRAIN_CONFIG, self._describe())
@@ -369,6 +438,8 @@ class Trainer:
         return None
 
     def _setup_cache(self) -> None:
+        """Teacher features of K fixed views per image (and, for the head stage, the frozen backbone's GeM
+        features of the same views at the student's size), computed once in one pass and kept on disk."""
         cfg, ctx = self.cfg, self.ctx
         desc = dict(self.teacher.describe())
         desc.pop("providers", None)
@@ -377,51 +448,102 @@ class Trainer:
                        "canvas": cfg.canvas_size, "aug": cfg.aug, "overlays": cfg.overlays, "seed": cfg.seed,
                        "views": cfg.cache_views}
         keys = [image_key(p) for p in self.paths]
-        self.cache = TeacherCache(cfg.cache, fingerprint, keys, cfg.cache_views, int(self.teacher.dim))
-        todo = len(self.cache.missing())
+        self.cache = TeacherCache(cfg.cache_dir, fingerprint, keys, cfg.cache_views, int(self.teacher.dim))
+        caches, sizes = [self.cache], [cfg.t_size]
+        if self._heads_pending():
+            bfp = {**fingerprint, "backbone": cfg.backbone, "input_size": cfg.input_size,
+                   "weights": _weights_hash(self.student.backbone)}
+            self.backbone_cache = TeacherCache(cfg.cache_dir, bfp, keys, cfg.cache_views, self.student.fc.in_features,
+                                               prefix="backbone")
+            caches.append(self.backbone_cache)
+            sizes.append(cfg.input_size)
+        todo = len(set().union(*(c.missing() for c in caches)))
         if not todo:
-            log.info("teacher cache %s is complete (%d images x %d views)", self.cache.dir, self.n_images, cfg.cache_views)
+            log.info("feature cache %s is complete (%d images x %d views)", self.cache.dir.parent, self.n_images,
+                     cfg.cache_views)
             return
-        log.info("teacher cache: computing %d teacher features (%d images x %d views) into %s", todo, self.n_images,
-                 cfg.cache_views, self.cache.dir)
+        log.info("feature cache: computing %d views (%d images x %d) for %s into %s", todo, self.n_images,
+                 cfg.cache_views, " and ".join(c.dir.name.split("-")[0] for c in caches), self.cache.dir.parent)
         from torch.utils.data import DataLoader
 
         views = CacheViewDataset(self.dataset)
         bs = max(8, self.per_rank)
         prog = self._progress_bar(extra=False)
         show = self._show_progress()
-        task = prog.add_task("teacher cache", total=todo, info="")
+        task = prog.add_task("feature cache", total=todo, info="")
         counter = [0]
+        st = self.student
+        modes = {m: m.training for m in st.modules()}
 
         def compute(items):
             batches = [items[i: i + bs] for i in range(0, len(items), bs)]
-            collate = Collate(cfg.view_size, self.dataset.aug, ([cfg.t_size], []) if self._augment_in_workers() else None)
+            collate = Collate(cfg.view_size, self.dataset.aug, (sizes, []) if self._augment_in_workers() else None)
             loader = DataLoader(views, batch_sampler=batches, num_workers=cfg.workers, collate_fn=collate,
                                 **({"worker_init_fn": worker_init, "prefetch_factor": 4} if cfg.workers else {}))
             for b in loader:
                 if "x_a" in b:
-                    x = b["x_a"][0].to(self.device)
+                    xs = [x.to(self.device) for x in b["x_a"]]
                 else:
-                    (x,) = augment.apply_tensor_stage(b["view_a"].to(self.device), b["params_a"], cfg.view_size,
-                                                      [cfg.t_size], self.dataset.aug)
-                feats = self.teacher(x).float().cpu().numpy()
-                prog.advance(task, len(feats) * ctx.world)
-                counter[0] += len(feats) * ctx.world
-                if not show and counter[0] // (bs * 25 * ctx.world) != (counter[0] - len(feats) * ctx.world) // (bs * 25 * ctx.world):
+                    xs = augment.apply_tensor_stage(b["view_a"].to(self.device), b["params_a"], cfg.view_size,
+                                                    sizes, self.dataset.aug)
+                feats = [self.teacher(xs[0]).float().cpu().numpy()]
+                if len(caches) > 1:
+                    st.eval()
+                    with torch.no_grad():
+                        x = (xs[-1] - st.mean) / st.std
+                        feats.append(st.pool(st.backbone.forward_features(x)).float().cpu().numpy())
+                n = len(feats[0]) * ctx.world
+                prog.advance(task, n)
+                counter[0] += n
+                if not show and counter[0] // (bs * 25 * ctx.world) != (counter[0] - n) // (bs * 25 * ctx.world):
                     el = time.perf_counter() - t0
-                    log.info("teacher cache: %d/%d (%.1f img/s, ETA %s)", counter[0], todo, counter[0] / el,
+                    log.info("feature cache: %d/%d (%.1f img/s, ETA %s)", counter[0], todo, counter[0] / el,
                              _hms((todo - counter[0]) * el / counter[0]))
                 yield list(zip(b["index"].tolist(), b["slot"].tolist())), feats
 
         t0 = time.perf_counter()
-        with prog:
-            n = build_cache(self.cache, compute, chunk=bs * 25, rank=ctx.rank, world=ctx.world,
-                            gather=ctx.all_gather_object)
+        try:
+            with prog:
+                n = build_cache(caches, compute, chunk=bs * 25, rank=ctx.rank, world=ctx.world,
+                                gather=ctx.all_gather_object)
+        finally:
+            for m, training in modes.items():
+                m.training = training
         dt = time.perf_counter() - t0
         self.cache_rate = {"entries": n, "seconds": round(dt, 1), "img_per_s": round(n / max(dt, 1e-9), 2),
                            "world": ctx.world, "teacher_size": cfg.t_size}
-        log.info("teacher cache: %d features in %.0f s (%.1f img/s)", n, dt, n / max(dt, 1e-9))
+        log.info("feature cache: %d views in %.0f s (%.1f img/s)", n, dt, n / max(dt, 1e-9))
         ctx.barrier()
+
+    def _heads_pending(self) -> bool:
+        return bool(self.cfg.head_steps) and self.cfg.mode == "rdcd" and self.step == 0 and not self.heads_result
+
+    def train_heads(self) -> None:
+        """The head stage (:mod:`rdcd.distill.heads`): on rank 0, from the cached features; then every rank
+        gets the heads, the momentum encoder copies the student, and a checkpoint records it."""
+        cfg, ctx = self.cfg, self.ctx
+        hc = dataclasses.replace(cfg.head_config(), steps=cfg.head_steps, seed=cfg.seed)
+        if ctx.is_main:
+            rows = self.cache.rows
+            G = self.backbone_cache.feats[rows]
+            T = self.cache.feats[rows]
+            if not (self.cache.done[rows].all() and self.backbone_cache.done[rows].all()):
+                raise RdcdError("feature cache incomplete before the head stage (was the cache folder changed?)")
+            st_cpu = copy.deepcopy(self.student).cpu().float()
+            result = HeadTrainer(st_cpu, G, T, hc).run()
+            state = {k: v.cpu() for k, v in st_cpu.state_dict().items() if k.startswith(("fc.", "projector."))}
+        else:
+            result = state = None
+        result, state = ctx.broadcast_object((result, state))
+        with torch.no_grad():
+            for k, v in state.items():
+                self.student.state_dict()[k].copy_(v)
+        self.momentum.load_state_dict(self.student.state_dict())
+        self.heads_result = result
+        self._log({"step": 0, "heads": {k: v for k, v in result.items() if k != "history"}})
+        log.info("head stage: %d steps on %d images x %d views in %.0f s (%s, init %s)", result["steps"],
+                 result["images"], result["views"], result["seconds"], result["mode"], result["init"])
+        self.save_checkpoint()
 
     # ---------------------------------------------------------------- checkpoints
     def _checkpoint_state(self) -> dict:
@@ -429,7 +551,7 @@ class Trainer:
                  "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
                  "results": json.dumps({"evals": self.evals, "cache": self.cache_rate,
-                                        "aligned": getattr(self, "aligned", None)})}
+                                        "heads": self.heads_result})}
         if self.momentum is not None:
             state["momentum"] = {k: v.detach().cpu() for k, v in self.momentum.state_dict().items()}
             state["queues"] = {"moco": self.moco_queue.state_dict(), "rsd": self.rsd_queue.state_dict()}
@@ -457,8 +579,7 @@ class Trainer:
         prev = json.loads(state.get("results", "{}"))
         self.evals = prev.get("evals", [])
         self.cache_rate = prev.get("cache")
-        if prev.get("aligned"):
-            self.aligned = prev["aligned"]
+        self.heads_result = prev.get("heads")
         if self.ctx.is_main:  # drop log lines of steps the checkpoint does not contain
             path = self.out / METRICS
             if path.exists():
@@ -504,7 +625,9 @@ class Trainer:
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
-        m = self.cfg.moco_momentum
+        cfg = self.cfg
+        m = cfg.moco_momentum if cfg.moco_momentum_end is None else \
+            momentum_at(self.step, self.total_steps, cfg.moco_momentum, cfg.moco_momentum_end)
         for pk, pq in zip(self.momentum.parameters(), self.student.parameters()):
             pk.mul_(m).add_(pq.detach(), alpha=1 - m)
 
@@ -555,12 +678,16 @@ class Trainer:
         k = F.normalize(k.float(), dim=1)
         neg, mask = losses.negative_similarities(z, self.moco_queue.features(), ids, self.moco_queue.item_ids())
         moco = losses.moco_infonce(z, k, neg, mask, cfg.moco_temp)
-        hn = losses.hard_negative_loss(neg, mask, cfg.hn_weight)
-        if len(self.rsd_queue):
-            rsd = losses.rsd_loss(t, s, self.rsd_queue.features(), cfg.rsd_temp)
+        hn = losses.hard_negative_loss(neg, mask, hn_weight_at(step, cfg.hn_ramp_steps, cfg.hn_weight, 1.0)
+                                       if cfg.hn_ramp_steps else cfg.hn_weight)
+        if len(self.rsd_queue):  # the queue's earlier views of the same images are no relations
+            same = ids.view(-1, 1) == self.rsd_queue.item_ids().view(1, -1)
+            rsd = losses.rsd_loss(t, s, self.rsd_queue.features(), cfg.rsd_temp, same, cfg.rsd_positive)
         else:  # first step: no past teacher features yet
             rsd = s.sum() * 0.0
         loss = cfg.rsd_weight * rsd + cfg.moco_weight * moco + hn
+        if cfg.feature_weight:
+            loss = loss + cfg.feature_weight * (1 - (s * t).sum(1)).mean()
         with torch.no_grad():
             stats = {"rsd": rsd, "moco": moco, "hn": hn, "pos_sim": (z * k).sum(1).mean(),
                      "nearest_neg": neg.masked_fill(mask, -1.0).max(1).values.mean() if mask is not None
@@ -619,6 +746,25 @@ class Trainer:
             log.info("eval at step %d (%s): micro-AP %.4f", self.step, label, res["micro_ap"])
         self.ctx.barrier()
 
+    def _choose_encoder(self) -> nn.Module:
+        """The network to export: the student, or the momentum encoder (an EMA of it) with ``always``, or
+        with ``auto`` when it scores higher on the evaluation benchmark (choose on a validation benchmark,
+        not on the one you report)."""
+        cfg = self.cfg
+        self.exported = "student"
+        if self.momentum is None or cfg.export_momentum == "never" or self.step == 0:
+            return self.student
+        if cfg.export_momentum == "auto":
+            if not (cfg.eval_benchmark and self.evals):
+                return self.student
+            res = evaluate_student(self.momentum, cfg.eval_benchmark, self.device)
+            self.evals.append({"step": self.step, "label": "final, momentum encoder", **res})
+            log.info("momentum encoder: micro-AP %.4f (student %.4f)", res["micro_ap"], self.evals[-2]["micro_ap"])
+            if res["micro_ap"] <= self.evals[-2]["micro_ap"]:
+                return self.student
+        self.exported = "momentum encoder"
+        return self.momentum
+
     def run(self) -> dict:
         self.setup()
         cfg, ctx = self.cfg, self.ctx
@@ -626,11 +772,13 @@ class Trainer:
                  "peak lr %.4g, warm-up %d steps, device %s%s", cfg.mode, cfg.dim, cfg.backbone, cfg.input_size,
                  self.n_images, self.total_steps, cfg.batch_size, self.per_rank, ctx.world, self.peak_lr, self.warmup,
                  self.device, f", teacher {cfg.teacher} at {cfg.t_size} px" if cfg.mode == "rdcd" else "")
-        if cfg.eval_at_start and self.step == 0 and cfg.align_heads and cfg.mode == "rdcd":
-            self._eval("start (before aligning the heads)")
-        if cfg.align_heads and cfg.mode == "rdcd" and self.step == 0:
-            self.align_heads()
-        if cfg.eval_at_start and self.step == 0:
+        if self._heads_pending():
+            if cfg.eval_at_start:
+                self._eval("start (before the head stage)")
+            self.train_heads()
+            if self.total_steps > self.step:
+                self._eval("after the head stage")
+        elif cfg.eval_at_start and self.step == 0:
             self._eval("start")
         start_step = self.step
         sums: dict[str, float] = {}
@@ -680,75 +828,14 @@ class Trainer:
         if ctx.is_main:
             from rdcd.model import save_student
 
-            self.student.eval()
-            save_student(self.student, self.out, extra=self._describe(final=True))
+            chosen = self._choose_encoder()
+            chosen.eval()
+            save_student(chosen, self.out, extra=self._describe(final=True))
             log.info("wrote %s (config.json + model.safetensors)", self.out)
         ctx.barrier()
         if self._metrics_fh:
             self._metrics_fh.close()
         return self._describe(final=True)
-
-    @torch.no_grad()
-    def align_heads(self) -> None:
-        """Fit the student's random heads to the teacher before training (a linear probe, closed form).
-
-        On view A (slot 0) of the training images: ``fc`` (GeM features -> 512) by ridge regression onto
-        the teacher's features, so that the student starts in the teacher's coordinates that RSD
-        compares it in; the ``projector`` (512 -> d) as the top-d principal directions of the fitted
-        features. The backbone is untouched. Rank 0 fits, every rank receives the result.
-        """
-        from torch.utils.data import DataLoader
-
-        cfg, ctx = self.cfg, self.ctx
-        t0 = time.perf_counter()
-        st = self.student
-        if ctx.is_main:
-            n = min(self.n_images, cfg.align_images or self.n_images)
-            items = [(i, 0) for i in np.random.default_rng(cfg.seed).permutation(self.n_images)[:n].tolist()]
-            bs = 64
-            sizes = [cfg.input_size] + ([cfg.t_size] if self.cache is None and cfg.t_size != cfg.input_size else [])
-            loader = DataLoader(CacheViewDataset(self.dataset), batch_sampler=[items[i: i + bs] for i in range(0, n, bs)],
-                                num_workers=cfg.workers, collate_fn=Collate(cfg.view_size, self.dataset.aug, (sizes, [])),
-                                **({"worker_init_fn": worker_init} if cfg.workers else {}))
-            modes = {m: m.training for m in st.modules()}
-            st.eval()
-            G, T = [], []
-            for b in loader:
-                xs = b["x_a"]
-                x = xs[0].to(self.device)
-                G.append(st.pool(st.backbone((x - st.mean) / st.std)).float().cpu())
-                if self.cache is not None:
-                    T.append(self.cache.lookup(b["index"].tolist(), b["slot"].tolist()))
-                else:
-                    T.append(self.teacher(xs[-1].to(self.device)).float().cpu())
-            for m, training in modes.items():
-                m.training = training
-            G, T = torch.cat(G).double(), torch.cat(T).double()
-            gm, tm = G.mean(0), T.mean(0)
-            Gc = G - gm
-            cov = Gc.T @ Gc
-            lam = 1e-2 * float(cov.diagonal().mean())
-            W = torch.linalg.solve(cov + lam * torch.eye(cov.shape[0], dtype=cov.dtype), Gc.T @ (T - tm))
-            b = tm - gm @ W
-            F_ = G @ W + b
-            fm = F_.mean(0)
-            _, _, V = torch.linalg.svd(F_ - fm, full_matrices=True)  # full basis: fewer views than d is fine
-            P = V[: cfg.dim]  # [d, 512]
-            fit = F.cosine_similarity(F_, T).mean().item()
-            state = {"fc.weight": W.T.float(), "fc.bias": b.float(), "projector.weight": P.float(),
-                     "projector.bias": (-(fm @ P.T)).float(), "fit_cos": fit, "n": len(G)}
-        else:
-            state = None
-        state = ctx.broadcast_object(state)
-        st.fc.weight.copy_(state["fc.weight"])
-        st.fc.bias.copy_(state["fc.bias"])
-        st.projector.weight.copy_(state["projector.weight"])
-        st.projector.bias.copy_(state["projector.bias"])
-        self.momentum.load_state_dict(st.state_dict())
-        self.aligned = {"images": state["n"], "mean_cos_to_teacher": round(state["fit_cos"], 4),
-                        "seconds": round(time.perf_counter() - t0, 1)}
-        log.info("aligned the heads to the teacher on %d views: mean cosine %.3f (%.0f s)", state["n"],
-                 state["fit_cos"], self.aligned["seconds"])
 
     def train_step(self, batch) -> dict[str, float]:
         cfg, ctx = self.cfg, self.ctx
@@ -809,23 +896,34 @@ class Trainer:
         d = {"training": {**cfg.to_dict(), "teacher_size": cfg.t_size if cfg.mode == "rdcd" else None,
                           "view_size": cfg.view_size, "canvas": cfg.canvas_size, "peak_lr": self.peak_lr,
                           "total_steps": self.total_steps, "warmup_steps": self.warmup, "steps_per_epoch": self.spe,
-                          "amp": self.amp, "bn": "frozen (pretrained running statistics)" if cfg.freeze_bn else
-                          "per-process BN; shuffle-BN on the momentum encoder across processes",
+                          "amp": self.amp, "bn": "frozen: eval mode, ImageNet running statistics kept" if cfg.bn == "frozen" else
+                          "train: per-process batch statistics, running statistics updated; shuffle-BN on the "
+                          "momentum encoder across processes",
                           "optimizer": "SGD", "schedule": "linear warm-up + cosine"},
              "teacher": self.teacher.describe() if self.teacher is not None else None,
              "pretrained": self.pretrained_check,
-             "data": {"train_dir": str(cfg.train_dir), "images": self.n_images,
+             "data": {"train_dir": cfg.train_dir, "images": self.n_images,
                       "excluded_benchmark": cfg.exclude_benchmark},
              "distributed": {"world_size": ctx.world, "backend": ctx.backend, "device": str(self.device),
                              "threads": torch.get_num_threads()},
              "versions": {"rdcd": getattr(rdcd, "__version__", "?"), "torch": torch.__version__, "timm": timm.__version__}}
-        if getattr(self, "aligned", None):
-            d["aligned_heads"] = self.aligned
+        if self.heads_result:
+            d["heads"] = self.heads_result
         if self.cache is not None:
             d["teacher_cache"] = {"dir": str(self.cache.dir), "views": cfg.cache_views, "build": self.cache_rate}
         if final:
-            d["result"] = {**self.results, "eval": self.evals}
+            d["result"] = {**self.results, "eval": self.evals, "exported": getattr(self, "exported", "student")}
         return d
+
+
+def _weights_hash(module: nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha1()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _hms(seconds: float) -> str:

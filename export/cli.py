@@ -50,6 +50,9 @@ def build_parser() -> ArgumentParser:
                    help="TensorRT profile: batch 1..N, optimised for N (default 8)")
     p.add_argument("--parity-images", metavar="DIR", help="images for the parity checks (default: the photos "
                    "scikit-image ships); at most 32, by name")
+    p.add_argument("--whiten-on", metavar="DIR",
+                   help="fold a PCA-whitening fitted on these unlabelled images (e.g. your reference collection) into "
+                        "the exported projector; the folder's hash goes into the manifest (students only)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 through the quantize stage "
                    "(rdcd.quantize.api.quantize_export)")
     p.add_argument("--calib", metavar="DIR", help="calibration images for --int8 (required with it)")
@@ -140,6 +143,8 @@ def _main(argv: Sequence[str] | None) -> int:
     paths = parity.image_paths(args.parity_images)
     if args.int8:
         api.quantize_api()
+    if args.teacher and args.whiten_on:
+        raise RdcdError("--whiten-on applies to a student checkpoint, not to --teacher")
     if args.teacher:
         src = S.teacher_source(args.teacher, size=args.size)
         default_out = Path("exports") / ("teacher-" + Path(args.teacher.replace(":", "-")).stem)
@@ -147,7 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
         ckpt = args.checkpoint or S.find_latest_run()
         if not args.checkpoint:
             log.info("no --checkpoint: using the newest run, %s", ckpt)
-        src = S.student_source(ckpt, size=args.size)
+        src = S.student_source(ckpt, size=args.size, whiten_on=args.whiten_on)
         default_out = Path("exports") / src.name
     out = Path(args.out) if args.out else default_out
     if out.exists() and not out.is_dir():

@@ -67,7 +67,9 @@ class ExportSource:
         return {"rdcd.input_size": str(self.spec.size), "rdcd.dim": str(self.dim),
                 "rdcd.preprocess": json.dumps(self.spec.to_dict(), sort_keys=True),
                 "rdcd.backbone": self.backbone, "rdcd.source_kind": self.kind,
-                "rdcd.source_sha256": self.sha256, "rdcd.version": __version__}
+                "rdcd.source_sha256": self.sha256, "rdcd.version": __version__,
+                **({"rdcd.whitening_sha256": self.model["whitening"]["folder_sha256"]}
+                   if isinstance(self.model.get("whitening"), dict) else {})}
 
 
 # ------------------------------------------------------------------------------------ students
@@ -115,8 +117,11 @@ def check_dims(weights: Path, config: dict[str, Any]) -> None:
                         f"projector.weight {proj[0]}x{proj[1]}")
 
 
-def student_source(checkpoint: str | os.PathLike, size: int | None = None) -> ExportSource:
-    """Load a trained student, after checking that its config and weights agree."""
+def student_source(checkpoint: str | os.PathLike, size: int | None = None,
+                   whiten_on: str | os.PathLike | None = None) -> ExportSource:
+    """Load a trained student, after checking that its config and weights agree. ``whiten_on``: a folder
+    of the user's own unlabelled images; a PCA-whitening fitted on them is folded into the projector
+    (:func:`rdcd.model.fold_whitening`) and the folder's hash is recorded."""
     from rdcd.model import load_config, load_student, reparameterize, resolve_checkpoint
 
     weights, _ = resolve_checkpoint(checkpoint)
@@ -127,12 +132,35 @@ def student_source(checkpoint: str | os.PathLike, size: int | None = None) -> Ex
     if size:
         config = dataclasses.replace(config, input_size=int(size))
     spec = config.preprocess()
+    model = config.to_dict()
+    if whiten_on is not None:
+        from rdcd.imageio import list_images
+        from rdcd.model import fold_whitening
+
+        if not Path(whiten_on).is_dir():
+            raise RdcdError(f"--whiten-on {whiten_on}: not a folder of images")
+        images = list_images(whiten_on)
+        fit = fold_whitening(student, images, spec)
+        model["whitening"] = {"folder": str(Path(whiten_on).resolve()), "folder_sha256": folder_sha256(images),
+                              **fit}
+        log.info("folded a PCA-whitening fitted on %d images of %s into the projector (%d skipped)", fit["images"],
+                 whiten_on, fit["skipped"])
     net = reparameterize(student).eval()
     # absolute: the quantize stage (run later, from anywhere) finds the checkpoint through the manifest
     return ExportSource(kind="student", label=f"{config.backbone} {config.dim}-d student",
                         checkpoint=str(Path(checkpoint).resolve()),
                         path=weights.resolve(), sha256=sha256(weights), spec=spec, dim=config.dim,
-                        backbone=config.backbone, model=config.to_dict(), net=net)
+                        backbone=config.backbone, model=model, net=net)
+
+
+def folder_sha256(paths) -> str:
+    """SHA-256 over the sorted (file name, file SHA-256) pairs of a set of images."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(paths, key=lambda p: Path(p).name):
+        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0" + sha256(p).encode() + b"\n")
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ teachers

@@ -305,3 +305,48 @@ class TorchEmbedder:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device)
             return self.model(x).float().cpu().numpy()
+
+
+# ------------------------------------------------------------------------------------ whitening
+@torch.no_grad()
+def fold_whitening(student: Student, paths, spec: PreprocessSpec | None = None, shrinkage: float = 0.1,
+                   batch_size: int = 32) -> dict[str, Any]:
+    """Fold a PCA-whitening of the projector's output, fitted on the images ``paths`` (a user's own
+    unlabelled images, e.g. the reference collection), into ``student.projector`` in place.
+
+    y = P f + b is the projector's output before the L2 norm; with mean ``mu`` and covariance
+    U diag(l) U^T over the images, W = diag(l + shrinkage x mean(l))^(-1/2) U^T; the projector becomes
+    (W P, W (b - mu)), so the deployed descriptor is L2(W (y - mu)) and no graph changes. The
+    shrinkage keeps directions with almost no variance from being blown up by noise. Unreadable
+    images are skipped (counted). Returns what was fitted (images, skipped, dims, spectrum)."""
+    import numpy as np
+
+    from rdcd.validate.extract import load_images
+
+    spec = spec or student.config.preprocess()
+    paths = list(paths)
+    d = student.projector.out_features
+    student.eval()
+    ys, skipped = [], 0
+    for start in range(0, len(paths), batch_size):
+        batch, ok = load_images(paths[start: start + batch_size], spec, skip_bad=True)
+        skipped += len(paths[start: start + batch_size]) - len(ok)
+        if len(ok):
+            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
+            x = (x - student.mean) / student.std
+            f = student.fc(student.pool(student.backbone.forward_features(x)))
+            ys.append(student.projector(f).double())
+    n = sum(len(y) for y in ys)
+    if n < d + 1:
+        raise RdcdError(f"whitening a {d}-d descriptor needs at least {d + 1} readable images, got {n}")
+    y = torch.cat(ys)
+    mu = y.mean(0)
+    cov = (y - mu).T @ (y - mu) / (n - 1)
+    lam, U = torch.linalg.eigh(cov)
+    lam = lam.clamp(min=0)
+    W = (U * (lam + shrinkage * lam.mean()).rsqrt()).T  # [d, d]
+    P, b = student.projector.weight.double(), student.projector.bias.double()
+    student.projector.weight.copy_((W @ P).float())
+    student.projector.bias.copy_((W @ (b - mu)).float())
+    return {"images": n, "skipped": skipped, "dim": d, "shrinkage": shrinkage,
+            "eigenvalue_ratio": round(float(lam.max() / lam.clamp(min=1e-12).min()), 1)}

@@ -29,6 +29,7 @@ log = logging.getLogger("rdcd.demo")
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_POOL = REPO.parent / "shared" / "data" / "train-pool"
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "train-photos"
 
 
 def _baseline_table(rows: list[dict], title: str) -> None:
@@ -42,6 +43,22 @@ def _baseline_table(rows: list[dict], title: str) -> None:
         t.add_row(r["model"], str(r["dim"]), f"{r['micro_ap']:.4f}", f"{r['recall_at_p90']:.4f}",
                   f"{r['acc_at_1']:.4f}", f"{r['seconds']:.1f}")
     Console(width=120).print(t)
+
+
+def _distill_summary(run_dir: Path, baselines: list[dict] | None) -> dict | None:
+    """The distilled student's µAP on the benchmark next to the untrained student's (the baselines stage)."""
+    try:
+        evals = json.loads((run_dir / "config.json").read_text())["result"]["eval"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return None
+    if not evals:
+        return None
+    out = {"micro_ap": evals[-1]["micro_ap"]}
+    init = next((r["micro_ap"] for r in baselines or [] if r["model"].startswith("untrained")), None)
+    if init is not None:
+        out.update(untrained_micro_ap=round(init, 5), gain=round(out["micro_ap"] - init, 5))
+        print(f"distilled student: µAP {out['micro_ap']:.4f} vs {init:.4f} untrained ({out['gain']:+.4f})", flush=True)
+    return out
 
 
 def _stage(name: str, prog: str, entry: Callable[[Sequence[str]], int], argv: list[str], timings: dict) -> int:
@@ -68,19 +85,27 @@ def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="rdcd-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="working folder (default: runs/demo)")
     p.add_argument("--train-dir", default=str(DEFAULT_POOL), help="unlabeled training images (default: ../shared/data/train-pool)")
+    p.add_argument("--photos-dir", default=str(DEFAULT_PHOTOS),
+                   help="more training images, photographs (default: ../shared/data/train-photos, when present)")
+    p.add_argument("--max-images", type=int, default=4000,
+                   help="training images drawn from both folders (default 4000: a CPU-sized feature cache)")
     p.add_argument("--holdout", type=int, default=600, help="pool images held out for the benchmark (default 600)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--size", type=int, default=128, help="student input size (default 128: CPU-sized)")
     p.add_argument("--teacher-size", type=int, default=224, help="the teacher sees the student's view at this size")
-    p.add_argument("--steps", type=int, default=150, help="distillation steps (default 150)")
+    p.add_argument("--head-steps", type=int, default=1500,
+                   help="head-stage steps on cached backbone + teacher features (default 1500; rdcd-distill --head-steps)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="full fine-tuning steps after the head stage (default 0: on 2 CPU cores a short full "
+                        "fine-tune spends its budget in the early dip; see docs/reports/distill.md)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=0.0015, help="peak learning rate (default 0.0015 at batch 32)")
     p.add_argument("--queue", type=int, default=1024,
                    help="MoCo key queue and RSD teacher queue (default 1024: below one epoch of the pool, so a queue "
                         "never holds the same image's previous view)")
-    p.add_argument("--cache-views", type=int, default=1,
-                   help="teacher-cache views per training image (default 1: one teacher pass per image)")
+    p.add_argument("--cache-views", type=int, default=2,
+                   help="cached views per training image (default 2: the head stage contrasts two views of an image)")
     p.add_argument("--calib-count", type=int, default=300, help="INT8 calibration images (default 300)")
     p.add_argument("--max-drop", type=float, default=0.01, help="gate: largest INT8 µAP drop (default 0.01)")
     p.add_argument("--stages", default="bench,baselines,distill,export,quantize,validate",
@@ -137,18 +162,22 @@ def _main(argv: Sequence[str] | None) -> int:
 
         argv_ = ["--train-dir", str(train_dir), "--out", str(run_dir), "--backbone", a.backbone, "--dim", str(a.dim),
                  "--input-size", str(a.size), "--teacher-size", str(a.teacher_size), "--batch-size", str(a.batch_size),
-                 "--max-steps", str(a.steps), "--lr", str(a.lr), "--warmup-steps", str(max(1, a.steps // 10)),
+                 "--max-steps", str(a.steps), "--head-steps", str(a.head_steps), "--lr", str(a.lr),
+                 "--warmup-steps", str(max(1, a.steps // 10)), "--hn-ramp-steps", str(max(1, a.steps // 2)),
                  "--cache", str(out / "teacher-cache"), "--cache-views", str(a.cache_views),
                  "--queue-size", str(a.queue), "--rsd-queue-size", str(a.queue),
                  "--ckpt-every", str(max(1, a.steps // 5)), "--eval-benchmark", str(bench_dir)]
         if pool.is_dir():
             argv_ += ["--exclude-benchmark", str(bench_dir)]
+            if Path(a.photos_dir).is_dir():
+                argv_ += ["--train-dir", str(a.photos_dir), "--max-images", str(a.max_images)]
         if (run_dir / "model.safetensors").exists():
             print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
         else:
             if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
                 argv_.append("--resume")
             code = _stage("distill", "rdcd-distill", distill, argv_, timings)
+        summary["distill"] = _distill_summary(run_dir, summary.get("baselines"))
     if "export" in stages and code == 0:
         from rdcd.export.cli import _main as export
 

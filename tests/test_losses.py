@@ -8,6 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import torch.nn.functional as F  # noqa: E402
+
 from rdcd.distill import losses  # noqa: E402
 from rdcd.distill.queues import FeatureQueue  # noqa: E402
 
@@ -108,3 +110,27 @@ def test_random_init_queue_is_unit_norm():
     assert len(q) == 8
     assert torch.allclose(q.features().norm(dim=1), torch.ones(8), atol=1e-6)
     assert (q.item_ids() == -1).all()
+
+
+def test_rsd_mask_leaves_same_image_entries_out_of_both_distributions():
+    g = torch.Generator().manual_seed(3)
+    t = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    s = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    queue = F.normalize(torch.randn(10, 16, generator=g), dim=1)
+    mask = torch.zeros(4, 10, dtype=torch.bool)
+    mask[:, :3] = True  # entries 0-2 are earlier views of the rows' own images
+    got = float(losses.rsd_loss(t, s, queue, 0.04, mask=mask))
+    want = float(losses.rsd_loss(t, s, queue[3:], 0.04))
+    assert got == pytest.approx(want, rel=1e-5)
+    # the positive column: identical teacher and student still give zero
+    assert float(losses.rsd_loss(t, t, queue, 0.04, mask=mask, positive=True)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_head_stage_schedules():
+    from rdcd.distill.heads import hn_weight_at, momentum_at
+
+    assert [hn_weight_at(s, 100, 5.0, 0.5) for s in (0, 24, 49, 80)] == pytest.approx([0.1, 2.5, 5.0, 5.0])
+    assert hn_weight_at(0, 100, 5.0, 0.0) == 5.0
+    assert momentum_at(0, 100, 0.99, 0.999) == pytest.approx(0.99)
+    assert momentum_at(100, 100, 0.99, 0.999) == pytest.approx(0.999)
+    assert 0.99 < momentum_at(50, 100, 0.99, 0.999) < 0.999
