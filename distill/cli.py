@@ -111,7 +111,9 @@ def build_parser() -> cli.ArgumentParser:
     g = p.add_argument_group("head stage (rdcd: heads trained on cached features before the full steps)")
     g.add_argument("--head-steps", type=int, default=0,
                    help="steps of head distillation on cached backbone + teacher features of --cache-views views per "
-                        "image, the backbone frozen with its ImageNet BN statistics (default 0: off)")
+                        "image, the backbone frozen with its ImageNet BN statistics (default 0: off). Needs a "
+                        "feature cache (--cache, default <out>/cache); the full steps then read the teacher's "
+                        "features of those K fixed views too")
     g.add_argument("--head-mode", choices=("rdcd", "rdcd+feature", "feature", "contrastive"), default="rdcd",
                    help="head-stage losses (default rdcd: RSD + MoCo + ramped hard negatives; see rdcd.distill.heads)")
     g.add_argument("--head-init", choices=("pca", "pcaw", "random"), default="random",
@@ -180,7 +182,9 @@ def _head_settings(a: argparse.Namespace) -> dict:
 
     return dataclasses.asdict(HeadConfig(steps=a.head_steps, seed=a.seed, mode=a.head_mode, init=a.head_init, lr=a.head_lr, batch_size=a.head_batch_size,
                                          hn_weight=a.head_hn_weight, moco_temp=a.moco_temp, rsd_temp=a.rsd_temp,
-                                         momentum=a.moco_momentum, rsd_positive=a.rsd_positive))
+                                         momentum=a.moco_momentum, rsd_positive=a.rsd_positive,
+                                         **({"momentum_end": a.moco_momentum_end} if a.moco_momentum_end is not None
+                                            else {})))
 
 
 def _main(argv: Sequence[str] | None) -> int:

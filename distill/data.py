@@ -25,12 +25,15 @@ def scan_images(train_dir: "str | os.PathLike | Sequence[str | os.PathLike]", ex
     """Readable images of ``train_dir`` (one folder or several) minus ``exclude`` (file names); unreadable
     ones are skipped with a warning. Raises :class:`RdcdError` when nothing usable is left."""
     dirs = [train_dir] if isinstance(train_dir, (str, os.PathLike)) else list(train_dir)
-    paths = []
+    paths, seen = [], set()
     for d in dirs:
         found = list_images(d, recursive=recursive)
         if not found:
             raise RdcdError(f"no images in {d} (looked for jpg, png, webp, ... files)")
-        paths += found
+        for p in found:  # a folder given twice (or nested in another) must not become its own hard negative
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                paths.append(p)
     train_dir = ", ".join(map(str, dirs))
     if exclude:
         kept = [p for p in paths if p.name not in exclude]

@@ -75,13 +75,13 @@ class HeadConfig:
         if self.init not in INITS:
             raise RdcdError(f"unknown head init {self.init!r}: use one of {', '.join(INITS)}")
         for flag, value, low in (("--head-steps", self.steps, 0), ("--head-batch-size", self.batch_size, 2),
-                                 ("--head-queue-size", self.queue_size, 1)):
+                                 ("head queue size", self.queue_size, 1)):
             if value < low:
                 raise RdcdError(f"{flag} must be at least {low}, got {value}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise RdcdError(f"--head-lr must be a positive number, got {self.lr}")
         if not 0 <= self.hn_ramp <= 1:
-            raise RdcdError(f"--hn-ramp must be in [0, 1], got {self.hn_ramp}")
+            raise RdcdError(f"head-stage hard-negative ramp must be in [0, 1], got {self.hn_ramp}")
 
 
 def hn_weight_at(step: int, total: int, weight: float, ramp: float) -> float:
@@ -110,9 +110,10 @@ def init_heads(fc: nn.Linear, projector: nn.Linear, G: torch.Tensor, T: torch.Te
     b = tm - gm @ W
     Fx = G @ W + b
     fm = Fx.mean(0)
-    _, S, V = torch.linalg.svd(Fx - fm, full_matrices=True)
+    lam, U = torch.linalg.eigh((Fx - fm).T @ (Fx - fm))  # principal directions of the fit, ascending
     d = projector.out_features
-    P = V[:d]
+    P = U.flip(1).T[:d]
+    S = lam.flip(0).clamp(min=0).sqrt()
     if init == "pcaw":
         sv = torch.zeros(d, dtype=P.dtype)
         sv[: min(d, len(S))] = S[:d] / math.sqrt(max(1, len(Fx) - 1))
@@ -159,6 +160,7 @@ class HeadTrainer:
         warm = max(1, cfg.steps // 20)
         use_teacher = cfg.mode != "contrastive"
         sums: dict[str, float] = {}
+        n_sum = 0
         for step in range(cfg.steps):
             lr = cfg.lr * min(1.0, (step + 1) / warm) * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
             for g in opt.param_groups:
@@ -199,15 +201,16 @@ class HeadTrainer:
                 tq.enqueue(t, idx)
             for key, v in {"loss": loss, **terms}.items():
                 sums[key] = sums.get(key, 0.0) + float(v.detach())
+            n_sum += 1
             if (step + 1) % log_every == 0 or step + 1 == cfg.steps:
                 with torch.no_grad():
                     cos_t = float((s * t).sum(1).mean())
-                rec = {"head_step": step + 1, **{k_: round(v / log_every, 5) for k_, v in sums.items()},
+                rec = {"head_step": step + 1, **{k_: round(v / n_sum, 5) for k_, v in sums.items()},
                        "cos_teacher": round(cos_t, 4), "lr": lr}
                 self.history.append(rec)
                 log.info("heads step %d/%d: %s", step + 1, cfg.steps,
                          " ".join(f"{k_} {v:.3f}" for k_, v in rec.items() if k_ not in ("head_step", "lr")))
-                sums = {}
+                sums, n_sum = {}, 0
         return {**info, "steps": cfg.steps, "batch_size": bs, "views": self.K, "images": self.N, "mode": cfg.mode,
                 "seconds": round(time.perf_counter() - t0, 1), "history": self.history,
                 "bn": "backbone frozen in eval mode: ImageNet BatchNorm running statistics kept"}

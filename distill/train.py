@@ -182,6 +182,10 @@ class TrainConfig:
             raise RdcdError(f"--head-steps must be >= 0, got {self.head_steps}")
         if self.head_steps and self.mode != "rdcd":
             raise RdcdError("--head-steps needs --mode rdcd (the heads learn from cached teacher features)")
+        if self.head_steps and self.cache_views < 2:
+            raise RdcdError("--head-steps needs --cache-views of at least 2 (MoCo contrasts two cached views of an image)")
+        if self.moco_momentum_end is not None and not 0 <= self.moco_momentum_end < 1:
+            raise RdcdError(f"--moco-momentum-end must be in [0, 1), got {self.moco_momentum_end}")
         self.head_config().validate()
 
     def head_config(self) -> HeadConfig:
@@ -253,13 +257,16 @@ def freeze_lower_stages(student: nn.Module, train_blocks: int | None) -> set[int
     blocks = getattr(bb, "blocks", None)
     if blocks is None:
         raise RdcdError(f"--train-blocks: backbone {type(bb).__name__} has no .blocks to count from")
+    if train_blocks > len(blocks):
+        raise RdcdError(f"--train-blocks {train_blocks}: {type(bb).__name__} has only {len(blocks)} stages")
     keep = {id(m) for b in list(blocks)[len(blocks) - train_blocks:] for m in b.modules()} if train_blocks else set()
     for name in ("conv_head", "bn2"):
         if hasattr(bb, name):
             keep |= {id(m) for m in getattr(bb, name).modules()}
     frozen = set()
-    for m in bb.modules():
-        if id(m) not in keep and not any(True for _ in m.children()):
+    for m in bb.modules():  # every module with its own parameters or buffers (timm's BatchNormAct2d has children)
+        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        if id(m) not in keep and own:
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
             frozen.add(id(m))
@@ -524,10 +531,9 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         hc = dataclasses.replace(cfg.head_config(), steps=cfg.head_steps, seed=cfg.seed)
         if ctx.is_main:
-            rows = self.cache.rows
-            G = self.backbone_cache.feats[rows]
-            T = self.cache.feats[rows]
-            if not (self.cache.done[rows].all() and self.backbone_cache.done[rows].all()):
+            bc, tc = self.backbone_cache, self.cache  # each cache has its own row order
+            G, T = bc.feats[bc.rows], tc.feats[tc.rows]
+            if not (tc.done[tc.rows].all() and bc.done[bc.rows].all()):
                 raise RdcdError("feature cache incomplete before the head stage (was the cache folder changed?)")
             st_cpu = copy.deepcopy(self.student).cpu().float()
             result = HeadTrainer(st_cpu, G, T, hc).run()
@@ -757,11 +763,14 @@ class Trainer:
         if cfg.export_momentum == "auto":
             if not (cfg.eval_benchmark and self.evals):
                 return self.student
-            res = evaluate_student(self.momentum, cfg.eval_benchmark, self.device)
-            self.evals.append({"step": self.step, "label": "final, momentum encoder", **res})
-            log.info("momentum encoder: micro-AP %.4f (student %.4f)", res["micro_ap"], self.evals[-2]["micro_ap"])
-            if res["micro_ap"] <= self.evals[-2]["micro_ap"]:
+            res = {"step": self.step, "label": "final, momentum encoder",
+                   **evaluate_student(self.momentum, cfg.eval_benchmark, self.device)}
+            student = self.evals[-1]
+            log.info("momentum encoder: micro-AP %.4f (student %.4f)", res["micro_ap"], student["micro_ap"])
+            if res["micro_ap"] <= student["micro_ap"]:
+                self.evals.insert(len(self.evals) - 1, res)  # the last entry stays the exported network's
                 return self.student
+            self.evals.append(res)
         self.exported = "momentum encoder"
         return self.momentum
 

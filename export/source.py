@@ -159,7 +159,11 @@ def folder_sha256(paths) -> str:
 
     h = hashlib.sha256()
     for p in sorted(paths, key=lambda p: Path(p).name):
-        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0" + sha256(p).encode() + b"\n")
+        try:
+            digest = sha256(p)
+        except OSError as exc:  # unreadable: fold_whitening skipped it too
+            digest = f"unreadable: {exc.strerror or exc}"
+        h.update(Path(p).name.encode("utf-8", "surrogateescape") + b"\0" + digest.encode() + b"\n")
     return h.hexdigest()
 
 

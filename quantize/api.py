@@ -140,6 +140,18 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
         from rdcd.model import load_student
 
         student = load_student(ck)
+        whitening = (manifest.data.get("source") or {}).get("model", {}).get("whitening")
+        if isinstance(whitening, dict):  # rdcd-export --whiten-on: fold the same whitening into the student
+            from rdcd.export.source import folder_sha256
+            from rdcd.imageio import list_images
+            from rdcd.model import fold_whitening
+
+            folder = Path(str(whitening.get("folder", "")))
+            images = list_images(folder) if folder.is_dir() else []
+            if not images or folder_sha256(images) != whitening.get("folder_sha256"):
+                raise RdcdError(f"the export was whitened on {folder}, which is gone or has changed since: Core ML "
+                                "W8A8 cannot rebuild the same model (re-export, or leave out --target coreml)")
+            fold_whitening(student, images, student.config.preprocess(), whitening.get("shrinkage", 0.1))
         dim = (onnx_art.get("output") or {}).get("dim")
         if dim and int(dim) != student.config.dim:
             raise RdcdError(f"checkpoint {ck} gives {student.config.dim}-d descriptors, the export {dim}-d")

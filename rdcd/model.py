@@ -344,6 +344,8 @@ def fold_whitening(student: Student, paths, spec: PreprocessSpec | None = None, 
     cov = (y - mu).T @ (y - mu) / (n - 1)
     lam, U = torch.linalg.eigh(cov)
     lam = lam.clamp(min=0)
+    if not float(lam.mean()) > 0:
+        raise RdcdError(f"cannot whiten on {n} images whose descriptors are all identical")
     W = (U * (lam + shrinkage * lam.mean()).rsqrt()).T  # [d, d]
     P, b = student.projector.weight.double(), student.projector.bias.double()
     student.projector.weight.copy_((W @ P).float())

@@ -186,6 +186,24 @@ def test_epoch_batches_split_ranks_and_resume_offset():
     assert len(set(flat)) == 48  # each image at most once per epoch
 
 
+def test_train_blocks_freezes_the_lower_stages_batchnorm_included():
+    from rdcd.distill.train import _train_mode, freeze_lower_stages
+    from rdcd.errors import RdcdError
+    from rdcd.model import StudentConfig, build_student
+
+    s = build_student(StudentConfig(input_size=SIZE), pretrained=False)
+    n = len(s.backbone.blocks)
+    frozen = freeze_lower_stages(s, 2)
+    trainable = {k for k, p in s.backbone.named_parameters() if p.requires_grad}
+    keep = (f"blocks.{n - 2}.", f"blocks.{n - 1}.", "conv_head.", "bn2.")
+    assert trainable and all(k.startswith(keep) for k in trainable)
+    assert not s.backbone.bn1.weight.requires_grad  # timm's BatchNormAct2d has children: frozen all the same
+    _train_mode(s, "train", frozen)
+    assert not s.backbone.bn1.training and s.backbone.bn2.training and s.fc.training
+    with pytest.raises(RdcdError, match="only"):
+        freeze_lower_stages(build_student(StudentConfig(input_size=SIZE), pretrained=False), n + 1)
+
+
 def test_lr_schedule_warmup_then_cosine_and_frozen_bn():
     from rdcd.distill.train import _train_mode, lr_at
     from rdcd.model import StudentConfig, build_student
