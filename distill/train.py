@@ -905,7 +905,7 @@ class Trainer:
         d = {"training": {**cfg.to_dict(), "teacher_size": cfg.t_size if cfg.mode == "rdcd" else None,
                           "view_size": cfg.view_size, "canvas": cfg.canvas_size, "peak_lr": self.peak_lr,
                           "total_steps": self.total_steps, "warmup_steps": self.warmup, "steps_per_epoch": self.spe,
-                          "amp": self.amp, "bn": "frozen: eval mode, ImageNet running statistics kept" if cfg.bn == "frozen" else
+                          "amp": self.amp, "bn_detail": "frozen: eval mode, ImageNet running statistics kept" if cfg.bn == "frozen" else
                           "train: per-process batch statistics, running statistics updated; shuffle-BN on the "
                           "momentum encoder across processes",
                           "optimizer": "SGD", "schedule": "linear warm-up + cosine"},

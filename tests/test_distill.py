@@ -281,7 +281,8 @@ def test_run_is_loadable_and_records_config(first_run, train_dir):
     ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ck["step"] == 4
     assert set(ck["queues"]) == {"moco", "rsd"} and ck["queues"]["rsd"]["filled"] == 16
-    assert all(torch.equal(v, ck["student"][k]) for k, v in student.state_dict().items())
+    which = {"student": "student", "momentum encoder": "momentum"}[res["exported"]]  # --export-momentum auto
+    assert all(torch.equal(v, ck[which][k]) for k, v in student.state_dict().items())
     json.loads(r.stdout.strip().splitlines()[-1])  # one JSON summary on stdout
 
 
@@ -315,7 +316,7 @@ def test_resume_after_kill9_loses_nothing(first_run, train_dir, tmp_path):
     r = _distill(*args, check=2)
     assert len(_errors(r.stderr)) == 1 and "--resume" in _errors(r.stderr)[0]
     r = _distill(*args, "--resume", check=0)
-    assert "teacher cache" in r.stderr and "is complete" in r.stderr
+    assert "feature cache" in r.stderr and "is complete" in r.stderr
     after = _steps(run)
     assert [s["step"] for s in after] == list(range(1, 13))  # every step once, none lost
     for s in after:
@@ -386,7 +387,8 @@ def test_bad_inputs_one_line_exit_2(case, tmp_path, train_dir):
     assert len(lines) == 1 and lines[0].startswith("rdcd-distill: error:"), r.stderr
     assert "Traceback" not in r.stderr
     assert {"empty": "no images", "backbone": "unknown backbone", "resume": "nothing to resume",
-            "teacher": "teacher not found", "bench": "sources.csv"}[case] in lines[0]
+            "teacher": "teacher not found", "bench": "sources.csv", "second_dir": "no images",
+            "max_images": "--max-images", "head_steps": "--head-steps", "head_baseline": "--mode rdcd"}[case] in lines[0]
 
 
 def test_teacher_stays_frozen_in_eval_and_baseline_mode(train_dir, tmp_path):
