@@ -19,9 +19,10 @@ Losses, per step, on a batch of images with two different cached views a and b e
   entries of the same image are masked out, optionally the current teacher feature is the first
   column), MoCo InfoNCE of the descriptor of view a against the momentum heads' key of view b
   (tau 0.07, momentum from ``momentum`` to ``momentum_end`` by a cosine schedule) and the
-  hard-negative loss (weight ramped linearly from 0 to ``hn_weight`` over ``hn_ramp`` of the steps);
+  hard-negative loss (weight ramped linearly from 0 to ``hn_weight`` over ``hn_ramp`` of the steps; the
+  default weight is 1, not the paper's 5, which collapsed the heads on mixed clip art + photographs);
 * ``rdcd+feature``: the same plus ``feature_weight`` x (1 - cos(student 512-d, teacher)) on view a;
-* ``feature``: the cosine term alone (descriptor trained by the MoCo term only when its weight > 0);
+* ``feature``: the cosine term alone (the projector then stays as initialised);
 * ``contrastive``: MoCo InfoNCE + hard negatives only, no teacher (the contrastive baseline).
 """
 
