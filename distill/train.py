@@ -391,8 +391,7 @@ class Trainer:
             self.model = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.mode == "rdcd":
             self.momentum = copy.deepcopy(self.student)
-            mids = {id(a): id(b) for a, b in zip(self.student.modules(), self.momentum.modules())}
-            self.frozen_momentum = {mids[i] for i in self.frozen}
+            self.frozen_momentum = freeze_lower_stages(self.momentum, cfg.train_blocks)
             _train_mode(self.momentum, cfg.bn, self.frozen_momentum)
             for p in self.momentum.parameters():
                 p.requires_grad_(False)
@@ -497,8 +496,7 @@ class Trainer:
                 if len(caches) > 1:
                     st.eval()
                     with torch.no_grad():
-                        x = (xs[-1] - st.mean) / st.std
-                        feats.append(st.pool(st.backbone.forward_features(x)).float().cpu().numpy())
+                        feats.append(st.pooled(xs[-1]).float().cpu().numpy())
                 n = len(feats[0]) * ctx.world
                 prog.advance(task, n)
                 counter[0] += n

@@ -116,10 +116,13 @@ class Student(nn.Module):
         if pretrained:
             load_pretrained_backbone(self.backbone, config.backbone)
 
+    def pooled(self, x: torch.Tensor) -> torch.Tensor:
+        """The backbone's GeM-pooled feature map (what ``fc`` consumes) of float NCHW RGB in [0, 1]."""
+        return self.pool(self.backbone.forward_features((x - self.mean) / self.std))
+
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (512-d feature before normalisation, L2-normalised d-dim descriptor)."""
-        x = (x - self.mean) / self.std
-        f = self.fc(self.pool(self.backbone.forward_features(x)))
+        f = self.fc(self.pooled(x))
         z = F.normalize(self.projector(f).float(), dim=1)
         return f, z
 
@@ -333,9 +336,7 @@ def fold_whitening(student: Student, paths, spec: PreprocessSpec | None = None, 
         skipped += len(paths[start: start + batch_size]) - len(ok)
         if len(ok):
             x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
-            x = (x - student.mean) / student.std
-            f = student.fc(student.pool(student.backbone.forward_features(x)))
-            ys.append(student.projector(f).double())
+            ys.append(student.projector(student.fc(student.pooled(x))).double())
     n = sum(len(y) for y in ys)
     if n < d + 1:
         raise RdcdError(f"whitening a {d}-d descriptor needs at least {d + 1} readable images, got {n}")
