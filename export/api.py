@@ -10,7 +10,7 @@ Layout of an export directory::
     tensorrt/build_engine.sh        the exact trtexec lines, for the target device
     tensorrt/model.onnx, model-fp16.onnx   engine inputs (model-int8.onnx: the quantize stage's QDQ model)
     tensorrt/model-fp16.engine      tensorrt-fp16  (built only where a GPU and TensorRT are present)
-    tensorrt/model-int8.engine      tensorrt-int8-engine (GPU only; the quantize stage owns tensorrt-int8)
+    tensorrt/model-int8.engine      tensorrt-int8  (rdcd-quantize's row and build; this stage adds its script lines)
 
 Each target is exported and checked on its own: one failing never stops the others, and the
 manifest is saved after every artifact so an interruption loses nothing already done.
@@ -22,7 +22,6 @@ import dataclasses
 import importlib
 import inspect
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,6 +30,7 @@ import numpy as np
 
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.export import parity as P
+from rdcd.export.tensorrt import DEFAULT_BATCH
 from rdcd.manifest import Manifest, io_spec
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Options:
     targets: list[str]
     out: Path
     coreml_precision: str = "fp16"
-    batch: int = 8
+    batch: int = DEFAULT_BATCH  # TensorRT profile 1..batch, recorded in the manifest for rdcd-quantize's INT8 engine
     parity_paths: list[Path] | None = None
     int8: bool = False
     calib: Path | None = None
@@ -204,6 +204,8 @@ class Exporter:
             raise RdcdError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
         self.manifest = _open_manifest(self.out, self.source)
         self.manifest.data["notes"]["parity_images"] = self.image_names
+        if "tensorrt" in self.opts.targets:  # the engines' batch profile, which rdcd-quantize's INT8 engine reuses
+            self.manifest.data["tensorrt"] = {"batch": self.opts.batch}
         self.manifest.save()
         if self.source.reference_only:
             self.reference_teacher()
@@ -409,69 +411,23 @@ class Exporter:
                     self.failed = True
 
     # ---------------------------------------------------------------- TensorRT
-    def quantized_engine_input(self) -> tuple[dict, bool] | None:
-        """The QDQ model an INT8 engine is built from, and whether this stage writes its manifest row.
-
-        The quantize stage's own ``tensorrt``/``int8`` row (its path is the QDQ ONNX made for TensorRT,
-        ``engine_path`` the engine) is used as it is and never rewritten; failing that, an ONNX INT8
-        QDQ row, for which this stage adds the ``tensorrt-int8`` row itself.
-        """
-        def usable(art):
-            return (art["path"].endswith(".onnx") and art.get("status") != "failed" and not art.get("reference_only")
-                    and self.manifest.resolve(art).is_file())
-
-        arts = self.manifest.artifacts
-        for art in arts:
-            if (art["target"] == "tensorrt" and art["precision"] == "int8" and usable(art)
-                    and (art.get("produced_by") or {}).get("tool") != TRT_TOOL):
-                return art, False
-        for art in arts:
-            if art["target"] == "onnx" and art["precision"] in ("int8", "w8a8") and usable(art):
-                return art, True
-        return None
-
     def export_tensorrt(self) -> None:
+        """The FP16 engine row and the one build script. INT8 belongs to rdcd-quantize (``tensorrt-int8``, its
+        QDQ model ``tensorrt/model-int8.onnx``, its engine build): where that row exists, the script gets its
+        INT8 lines with the same batch profile."""
         self._t0 = time.perf_counter()
         from rdcd.export import tensorrt as T
         from rdcd.validate.runtimes import OnnxRuntimeRunner
 
         size, batch = self.spec.size, self.opts.batch
         tdir = self.out / T.DIRNAME
-        quant = self.quantized_engine_input()
-        versions = _versions("tensorrt", "onnxruntime")
-        fp16_cmd = T.trtexec_command(T.ONNX, "model-fp16.engine", size, batch, "fp16")
-        arts = {"fp16": self.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/model-fp16.engine",
-                                      "tensorrt", produced_by=self.produced_by(
-                                          TRT_TOOL, versions,
-                                          {"min_batch": 1, "opt_batch": batch, "max_batch": batch,
-                                           "onnx": f"{T.DIRNAME}/{T.ONNX}",
-                                           "onnx_strongly_typed": f"{T.DIRNAME}/{T.ONNX_FP16}",
-                                           "script": f"{T.DIRNAME}/{T.SCRIPT}",
-                                           "command_strongly_typed": T.trtexec_command(
-                                               T.ONNX_FP16, "model-fp16.engine", size, batch, strongly_typed=True)},
-                                          command=fp16_cmd))}
-        int8_onnx = int8_engine = None  # relative to the tensorrt/ folder
-        if quant is not None:
-            qart, ours = quant
-            if ours:
-                int8_onnx, int8_engine = T.ONNX_INT8, "model-int8.engine"
-                name = "tensorrt-int8"
-            else:  # the quantize stage's row: build from its QDQ model into its engine path
-                qpath = self.manifest.resolve(qart)
-                int8_onnx = os.path.relpath(qpath, tdir)
-                int8_engine = os.path.relpath(self.out / qart.get("engine_path", f"{T.DIRNAME}/model.int8.engine"), tdir)
-                name = "tensorrt-int8-engine"
-            arts["int8"] = self.artifact(name, "tensorrt", "int8", f"{T.DIRNAME}/{int8_engine}", "tensorrt",
-                                         reference=qart["name"], produced_by=self.produced_by(
-                                             TRT_TOOL, versions,
-                                             {"min_batch": 1, "opt_batch": batch, "max_batch": batch,
-                                              "onnx": f"{T.DIRNAME}/{int8_onnx}", "qdq_from": qart["name"],
-                                              "script": f"{T.DIRNAME}/{T.SCRIPT}", "calibration_cache": None,
-                                              "command_strongly_typed": T.trtexec_command(
-                                                  int8_onnx, int8_engine, size, batch, strongly_typed=True)},
-                                             command=T.trtexec_command(int8_onnx, int8_engine, size, batch, "int8")))
-        for art in arts.values():
-            art["input"]["shape"] = [f"1..{batch}", size, size, 3]
+        options, command = T.build_options("fp16", size, batch)
+        art = self.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/{T.ENGINES['fp16']}", "tensorrt",
+                            produced_by=self.produced_by(TRT_TOOL, _versions("tensorrt", "onnxruntime"), options,
+                                                         command=command))
+        art["input"]["shape"] = [f"1..{batch}", size, size, 3]
+        qrow = self.manifest.get("tensorrt-int8")
+        int8 = qrow is not None and (tdir / T.ONNX_INT8).is_file()
         try:
             if not self.onnx_ok:
                 raise RdcdError("needs the ONNX export, which failed")
@@ -479,43 +435,33 @@ class Exporter:
             T.link_or_copy(self.out / ONNX_NAME, tdir / T.ONNX)
             T.write_fp16_onnx(tdir / T.ONNX, tdir / T.ONNX_FP16)
             fp16_onnx = self.run_parity(OnnxRuntimeRunner(tdir / T.ONNX_FP16, threads=self.opts.threads), "fp16 ONNX")
-            arts["fp16"]["checks"] = {"engine_input_fp16_onnx": fp16_onnx | {
+            art["checks"] = {"engine_input_fp16_onnx": fp16_onnx | {
                 "note": "onnxruntime CPU on the FP16 graph (FP16 weights; CPU kernels may compute in FP32)"}}
             if not P.passes(fp16_onnx, "fp16"):
                 raise RdcdError(f"the FP16 ONNX engine input has parity min cos {fp16_onnx['min_cos']:.6f} < {P.THRESHOLD}")
-            if quant is not None and quant[1]:
-                T.link_or_copy(self.manifest.resolve(quant[0]), tdir / T.ONNX_INT8)
-            T.write_script(tdir, self.source.label, size, batch, self.dim, int8_onnx=int8_onnx, int8_engine=int8_engine)
+            T.write_script(tdir, self.source.label, size, batch, self.dim, int8=int8)
+            qbatch = ((qrow or {}).get("produced_by") or {}).get("options", {}).get("max_batch")
+            if int8 and qbatch not in (None, batch):
+                self.notes.append(f"tensorrt-int8 is recorded for batch 1..{qbatch}, build_engine.sh now builds 1..{batch}: "
+                                  "re-run rdcd-quantize --target tensorrt")
         except Exception as exc:
-            for art in arts.values():
-                art.update(status="failed", reason=_one_line(exc))
-                self.record(art)
+            art.update(status="failed", reason=_one_line(exc))
+            self.record(art)
             return
         ok, why = T.availability()
-        for precision, art in arts.items():
-            if not ok:
-                if precision == "int8" and not quant[1]:
-                    continue  # the quantize stage's row already says the engine is not built here
-                art.update(status="not_checkable",
-                           reason=f"{T.NOT_BUILT} ({why}); build it on the device with {T.DIRNAME}/{T.SCRIPT}")
-                self.record(art)
-                continue
-            try:
-                from rdcd.validate.runtimes import TensorRTRunner
-
-                strong = T.strongly_typed_default()
-                if precision == "int8":
-                    onnx_in = (tdir / int8_onnx).resolve()
-                else:  # TensorRT 11 takes the precision from the graph: the FP16 ONNX
-                    onnx_in = tdir / (T.ONNX_FP16 if strong else T.ONNX)
-                engine = self.out / art["path"]
-                t = time.perf_counter()
-                info = T.build_engine(onnx_in, engine, size, batch, precision, strongly_typed=strong)
-                art["build"] = info | {"onnx": os.path.relpath(onnx_in, self.out), "seconds": round(time.perf_counter() - t, 1)}
-                self.gate(art, self.run_parity(TensorRTRunner(engine), "TensorRT"))
-            except Exception as exc:
-                art.update(status="failed", reason=_one_line(exc))
+        if not ok:
+            art.update(status="not_checkable",
+                       reason=f"{T.NOT_BUILT} ({why}); build it on the device with {T.DIRNAME}/{T.SCRIPT}")
             self.record(art)
+            return
+        try:
+            from rdcd.validate.runtimes import TensorRTRunner
+
+            art["build"] = T.build(tdir, "fp16", size, batch)
+            self.gate(art, self.run_parity(TensorRTRunner(tdir / T.ENGINES["fp16"]), "TensorRT"))
+        except Exception as exc:
+            art.update(status="failed", reason=_one_line(exc))
+        self.record(art)
 
 
 def export(source, opts: Options) -> Result:

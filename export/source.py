@@ -55,7 +55,7 @@ class ExportSource:
 
     def manifest_source(self) -> dict[str, Any]:
         src = {"kind": self.kind, "checkpoint": self.checkpoint, "sha256": self.sha256, "model": self.model,
-               "dim": self.dim, "backbone": self.backbone}
+               "dim": self.dim, "backbone": self.backbone, "label": self.label}
         if self.path is not None:
             src["path"] = str(self.path)
         return src

@@ -9,11 +9,13 @@ ONNX inputs:
 * ``model-fp16.onnx``: the same graph with FP16 weights and compute (``onnxruntime``'s float16
   converter; the input cast, the uint8 input and the GeM/projection/L2 tail stay FP32), for
   ``--stronglyTyped`` builds: TensorRT 11 removed ``--fp16``/``--int8`` (weak typing);
-* ``model-int8.onnx``: the QDQ model of the quantize stage when there is one: its scales are
-  explicit, so ``--int8`` needs no calibration cache.
+* ``model-int8.onnx``: the QDQ model of ``rdcd-quantize`` (symmetric int8 activations): its scales
+  are explicit, so ``--int8`` (TensorRT 10) / ``--stronglyTyped`` (11) needs no calibration cache.
 
-Where ``tensorrt`` imports and a CUDA device exists, :func:`build_engine` builds the engine with
-the Python API (the same settings) and the export checks it through ``TensorRTRunner``. No torch.
+``rdcd-export`` and ``rdcd-quantize`` both (re)write the one script through :func:`write_script`,
+with the batch profile the export recorded in the manifest (:func:`profile_batch`). Where
+``tensorrt`` imports and a CUDA device exists, :func:`build` builds ``model-fp16.engine`` (export)
+or ``model-int8.engine`` (quantize) with the Python API, same settings. No torch.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 
 from rdcd.errors import RdcdError
@@ -33,6 +36,8 @@ SCRIPT = "build_engine.sh"
 ONNX = "model.onnx"
 ONNX_FP16 = "model-fp16.onnx"
 ONNX_INT8 = "model-int8.onnx"
+ENGINES = {"fp16": "model-fp16.engine", "int8": "model-int8.engine"}
+DEFAULT_BATCH = 8
 WORKSPACE_GIB = 2
 NOT_BUILT = "not built: no NVIDIA GPU/TensorRT on this machine"
 
@@ -57,6 +62,28 @@ def availability() -> tuple[bool, str]:
 def shape_args(size: int, batch: int) -> list[str]:
     return [f"--minShapes=image:1x{size}x{size}x3", f"--optShapes=image:{batch}x{size}x{size}x3",
             f"--maxShapes=image:{batch}x{size}x{size}x3"]
+
+
+def profile_batch(manifest) -> int:
+    """The engines' batch profile (1..N, optimised for N) that rdcd-export recorded in the manifest."""
+    batch = (manifest.data.get("tensorrt") or {}).get("batch")
+    fp16 = manifest.get("tensorrt-fp16") or {}  # manifests written before the batch was recorded
+    return int(batch or ((fp16.get("produced_by") or {}).get("options") or {}).get("max_batch") or DEFAULT_BATCH)
+
+
+def inputs(precision: str) -> tuple[str, str]:
+    """(ONNX input for TensorRT <= 10, for TensorRT 11's strongly typed build) of an engine."""
+    return (ONNX, ONNX_FP16) if precision == "fp16" else (ONNX_INT8, ONNX_INT8)
+
+
+def build_options(precision: str, size: int, batch: int) -> tuple[dict, str]:
+    """``produced_by`` options of an engine row, and its trtexec line for TensorRT <= 10."""
+    weak, strong = inputs(precision)
+    engine = ENGINES[precision]
+    return ({"min_batch": 1, "opt_batch": batch, "max_batch": batch, "onnx": f"{DIRNAME}/{weak}",
+             "onnx_strongly_typed": f"{DIRNAME}/{strong}", "script": f"{DIRNAME}/{SCRIPT}",
+             "command_strongly_typed": trtexec_command(strong, engine, size, batch, strongly_typed=True)},
+            trtexec_command(weak, engine, size, batch, precision))
 
 
 def trtexec_command(onnx: str, engine: str, size: int, batch: int, precision: str = "fp16",
@@ -101,23 +128,32 @@ def write_fp16_onnx(src: Path, dst: Path) -> Path:
     return dst
 
 
-def script_text(label: str, size: int, batch: int, dim: int, int8_onnx: str | None = None,
-                int8_engine: str | None = None) -> str:
+def script_text(label: str, size: int, batch: int, dim: int, int8: bool = False, fp16: bool = True) -> str:
+    """The one build script: the FP16 engine (when its inputs are there) and the INT8 one (when the quantize
+    stage's QDQ model is), a TensorRT 11 (strongly typed) and a TensorRT <= 10 (--fp16/--int8) branch."""
     from rdcd import __version__
     from rdcd.manifest import now
 
     tx = '"$TRTEXEC"'
-    fp16_weak = trtexec_command(ONNX, "model-fp16.engine", size, batch, "fp16", trtexec=tx)
-    fp16_strong = trtexec_command(ONNX_FP16, "model-fp16.engine", size, batch, strongly_typed=True, trtexec=tx)
+    wanted = [p for p, on in (("fp16", fp16), ("int8", int8)) if on]
+    if not wanted:
+        raise ValueError("no engine to build")
+
+    def line(precision, strong):
+        return "  " + trtexec_command(inputs(precision)[strong], ENGINES[precision], size, batch, precision,
+                                      strongly_typed=strong, trtexec=tx)
+
     lines = [
         "#!/bin/sh",
         f"# Build TensorRT engines for {label} on the device that will run them (engines are specific to",
         "# the GPU and the TensorRT version; a Jetson builds its own). Run from anywhere:",
-        "#   sh build_engine.sh            # FP16" + (" and INT8" if int8_onnx else ""),
+        "#   sh build_engine.sh            # " + " and ".join(p.upper() for p in wanted),
         "#   TRTEXEC=/usr/src/tensorrt/bin/trtexec sh build_engine.sh   # JetPack's trtexec",
         f"# Input 'image': uint8 RGB NHWC [batch, {size}, {size}, 3], batch 1..{batch} (optimised for {batch});",
         f"# output 'descriptor': float32 [batch, {dim}], L2-normalised.",
-        f"# Written by rdcd-export {__version__} on {now()}.",
+        *(["# INT8: from model-int8.onnx, rdcd-quantize's QDQ model (explicit scales: no calibration cache)."]
+          if int8 else []),
+        f"# Written by rdcd {__version__} on {now()}.",
         "set -eu",
         'cd "$(dirname "$0")"',
         'TRTEXEC="${TRTEXEC:-trtexec}"',
@@ -128,24 +164,20 @@ def script_text(label: str, size: int, batch: int, dim: int, int8_onnx: str | No
         "# TensorRT 11 removed weak typing (--fp16/--int8): precision then comes from the ONNX graph.",
         'TRT_VERSION=$("$TRTEXEC" --help 2>&1 | sed -n \'s/.*TensorRT v\\([0-9][0-9]*\\).*/\\1/p\' | head -n 1)',
         'if [ "${TRT_VERSION:-0}" -ge 110000 ]; then',
-        f"  {fp16_strong}",
+        *(line(p, True) for p in wanted),
+        "else",
+        *(line(p, False) for p in wanted),
+        "fi",
     ]
-    if int8_onnx:
-        lines.append("  " + trtexec_command(int8_onnx, int8_engine, size, batch, strongly_typed=True, trtexec=tx))
-    lines += ["else", f"  {fp16_weak}"]
-    if int8_onnx:
-        lines.append("  " + trtexec_command(int8_onnx, int8_engine, size, batch, "int8", trtexec=tx))
-    lines.append("fi")
-    if not int8_onnx:
-        lines += ["# INT8: run rdcd-export --int8 (or rdcd-quantize) first, then rdcd-export --target tensorrt",
-                  "# again: it adds the --int8 command for the quantize stage's QDQ model here."]
+    if not int8:
+        lines += ["# INT8: run rdcd-quantize --target tensorrt (or rdcd-export --int8): it adds the INT8 lines here."]
     return "\n".join(lines) + "\n"
 
 
-def write_script(directory: Path, label: str, size: int, batch: int, dim: int, int8_onnx: str | None = None,
-                 int8_engine: str | None = None) -> Path:
+def write_script(directory: Path, label: str, size: int, batch: int, dim: int, int8: bool = False,
+                 fp16: bool = True) -> Path:
     path = directory / SCRIPT
-    write_text(path, script_text(label, size, batch, dim, int8_onnx, int8_engine))
+    write_text(path, script_text(label, size, batch, dim, int8, fp16))
     os.chmod(path, 0o755)
     return path
 
@@ -190,3 +222,13 @@ def build_engine(onnx_path: Path, engine_path: Path, size: int, batch: int, prec
         raise RdcdError(f"TensorRT could not build an engine from {onnx_path.name} (see the TensorRT log above)")
     write_bytes(engine_path, bytes(memoryview(blob)))
     return {"tensorrt": trt.__version__, "strongly_typed": strong, "workspace_gib": WORKSPACE_GIB}
+
+
+def build(tdir: Path, precision: str, size: int, batch: int) -> dict:
+    """Build ``tdir/<ENGINES[precision]>`` from its ONNX input (the graph's own precision on TensorRT 11):
+    the ``build`` record of the manifest row."""
+    strong = strongly_typed_default()
+    onnx_in = inputs(precision)[strong]
+    t = time.perf_counter()
+    info = build_engine(tdir / onnx_in, tdir / ENGINES[precision], size, batch, precision, strongly_typed=strong)
+    return info | {"onnx": f"{DIRNAME}/{onnx_in}", "seconds": round(time.perf_counter() - t, 1)}

@@ -85,6 +85,21 @@ def run_batched(embedder: Embedder, images: np.ndarray, batch_size: int = 32) ->
     return np.concatenate(out)
 
 
+NORM_TOLERANCE = 1e-3
+
+
+def check_unit_norm(embedder: Embedder, images: np.ndarray, label: str) -> dict:
+    """The descriptor contract (L2-normalised) on a few real images: a quantized tail (the norm itself in 8 bits)
+    breaks it while per-query rankings still look fine, so µAP alone can miss the cause."""
+    out = np.asarray(run_batched(embedder, images[:32]), dtype=np.float64)
+    norms = np.linalg.norm(out, axis=1)
+    res = {"images": int(len(norms)), "norm_min": round(float(norms.min()), 6), "norm_max": round(float(norms.max()), 6)}
+    if np.max(np.abs(norms - 1.0)) > NORM_TOLERANCE:
+        raise RdcdError(f"{label}: descriptors are not L2-normalised (norms {res['norm_min']:.4f}..{res['norm_max']:.4f} "
+                        "on calibration images): a quantizer sits in the normalisation tail")
+    return res
+
+
 def accuracy_block(bench: BenchImages, fp32_uap: float, uap: float, runtime: str, simulated: bool,
                    **extra) -> dict:
     """The ``accuracy`` entry of a quantized artifact in ``manifest.json``."""

@@ -10,15 +10,20 @@ Artifacts (paths relative to the export directory):
 name               target     precision  path                                     µAP measured with
 =================  =========  =========  =======================================  ==========================
 onnx-int8          onnx       int8       model.int8.onnx                          onnxruntime (CPU)
-tensorrt-int8      tensorrt   int8       tensorrt/model-int8.onnx                 onnxruntime, QDQ reference
+tensorrt-int8      tensorrt   int8       tensorrt/model-int8.engine (the engine;  TensorRT, where it was built
+                                         its QDQ source: ``qdq_source`` =         here; else not_checkable and
+                                         tensorrt/model-int8.onnx)                onnxruntime QDQ reference
                                                                                   semantics (TRT prediction)
 openvino-int8      openvino   int8       openvino-int8/model.xml                  OpenVINO (CPU)
 coreml-w8a8        coreml     w8a8       model.w8a8.mlpackage                     PyTorch simulation off macOS
 coreml-w8          coreml     w8         model.w8.mlpackage                       PyTorch simulation off macOS
 =================  =========  =========  =======================================  ==========================
 
-Also written: ``index_codes.json`` (int8 / binary codecs for the reference index) and
-``quantize_report.json`` (calibration, candidates, per-layer SQNR, fallback steps, codes, latency).
+The INT8 engine is built here (``rdcd.export.tensorrt.build``, the export's batch profile) only where TensorRT
+and a CUDA device are present; elsewhere its file is absent and ``tensorrt/build_engine.sh`` (rewritten through
+``rdcd.export.tensorrt.write_script`` with the INT8 lines) builds it on the device. Also written:
+``index_codes.json`` (int8 / binary codecs for the reference index) and ``quantize_report.json``
+(calibration, candidates, per-layer SQNR, fallback steps, codes, latency).
 """
 
 from __future__ import annotations
@@ -32,11 +37,11 @@ from pathlib import Path
 from typing import Sequence
 
 from rdcd import __version__
-from rdcd.errors import GateFailed, RdcdError, RuntimeUnavailable
-from rdcd.fsutil import atomic_path, write_json, write_text
+from rdcd.errors import GateFailed, MissingDependency, RdcdError, RuntimeUnavailable
+from rdcd.fsutil import atomic_path, write_json
 from rdcd.manifest import Manifest
 from rdcd.preprocess import PreprocessSpec
-from rdcd.quantize.accuracy import BenchImages, accuracy_block
+from rdcd.quantize.accuracy import BenchImages, accuracy_block, check_unit_norm
 from rdcd.quantize.calib import DEFAULT_CALIB_COUNT, load_calibration
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ AUTO_METHODS = ("minmax", "percentile", "entropy")
 SENSITIVITY_IMAGES = 16
 REPORT = "quantize_report.json"
 CODES = "index_codes.json"
+TRT_PREDICTION = "onnxruntime (QDQ reference semantics, graph optimisations off): the TensorRT INT8 prediction"
 
 
 def _versions() -> dict:
@@ -185,7 +191,9 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
             from rdcd.quantize.onnx_ptq import OrtEmbedder
 
             fp32_desc = bench.describe(OrtEmbedder(fp32_onnx, threads), with_training=True)
-            ctx.fp32_uap = float(bench.evaluate(fp32_desc).metrics.micro_ap)
+            fp32_res = bench.evaluate(fp32_desc)
+            ctx.fp32_uap = float(fp32_res.metrics.micro_ap)
+            ctx.predictions["onnx-fp32"] = fp32_res.predictions
             log.info("FP32 ONNX µAP %.4f", ctx.fp32_uap)
         # ---------------------------------------------------------------- ONNX Runtime / TensorRT
         methods = AUTO_METHODS if method == "auto" else (method,)
@@ -241,6 +249,9 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
         raise RdcdError("quantization failed for " + "; ".join(
             f"{t}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for t, e in errors)
                         + (f" (the other targets were saved to {manifest.path})" if artifacts else ""))
+    broken = [a for a in artifacts if a["status"] == "failed"]  # a TensorRT engine that did not build or run
+    if broken:
+        raise GateFailed("; ".join(f"{a['name']} failed: {a['reason']}" for a in broken) + f" (saved to {manifest.path})")
     failed = [a for a in artifacts if a.get("accuracy") and a["accuracy"]["drop"] > max_drop]
     if failed and raise_on_drop:
         raise GateFailed("µAP drop above --max-drop " f"{max_drop} after fallback: " + ", ".join(
@@ -259,9 +270,26 @@ class _Context:
         self.ranking: list[str] | None = None
         self.sensitivity: list[dict] | None = None
         self.chosen_method: str | None = None
+        self.predictions: dict = {}  # key -> Predictions, for the paired bootstrap of each drop
 
-    def uap(self, embedder) -> float:
-        return self.bench.micro_ap(embedder) if self.bench is not None else float("nan")
+    def uap(self, embedder, key=None) -> float:
+        """µAP of ``embedder`` on the benchmark; its predictions are kept under ``key``."""
+        if self.bench is None:
+            return float("nan")
+        res = self.bench.evaluate(self.bench.describe(embedder))
+        if key is not None:
+            self.predictions[key] = res.predictions
+        return float(res.metrics.micro_ap)
+
+    def interval(self, reference_key, key) -> dict:
+        """``drop_ci95`` for an accuracy block: the paired bootstrap 95 % interval of the drop over queries."""
+        from rdcd.validate.bootstrap import paired_drop_interval
+
+        if reference_key not in self.predictions or key not in self.predictions:
+            return {}
+        b = self.bench.bench
+        iv = paired_drop_interval(self.predictions[reference_key], self.predictions[key], b.gt_pairs, b.queries.ids)
+        return {"drop_ci95": [round(iv.low, 6), round(iv.high, 6)]}
 
     def produced_by(self, tool: str, options: dict) -> dict:
         return {"tool": tool, "versions": _versions(), "options": options,
@@ -317,7 +345,7 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
     for eng, m, rr in _candidates(methods, engines, reduce_range):
         recipe = Recipe(engine=eng, method=m, activations="asymmetric", reduce_range=rr)
         path = q.quantize(ctx.work / f"onnx-{eng}-{m}-{rr}.onnx", recipe)
-        uap = ctx.uap(OrtEmbedder(path, ctx.threads))
+        uap = ctx.uap(OrtEmbedder(path, ctx.threads), key=path)
         drop = (ctx.fp32_uap - uap) if ctx.bench is not None else 0.0
         candidates.append({"engine": eng, "method": m, "reduce_range": rr, "micro_ap": _r(uap), "drop": _r(drop)})
         log.info("onnx-int8 candidate %s/%s/7-bit weights: %s -> µAP %.4f (drop %+.4f)", eng, m, rr, uap, drop)
@@ -334,7 +362,7 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
             return step0
         return q.quantize(ctx.work / f"onnx-step{i}.onnx", recipe, excluded)
 
-    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads)), ranking, ctx.fp32_uap or 0.0,
+    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads), key=p), ranking, ctx.fp32_uap or 0.0,
                         ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="onnx-int8")
     out = ctx.manifest.dir / "model.int8.onnx"
     with atomic_path(out) as tmp:
@@ -345,16 +373,21 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
                                          {**recipe.to_dict(), "format": "QDQ", "candidates": candidates,
                                           "float_nodes": q.float_nodes})
     art["qdq"] = check_qdq(out)
+    art["checks"] = {"unit_norm": check_unit_norm(OrtEmbedder(out, ctx.threads), ctx.calib.images, "onnx-int8")}
     if ctx.bench is not None:
         art["accuracy"] = accuracy_block(ctx.bench, ctx.fp32_uap, res.chosen.micro_ap, "onnxruntime", False,
-                                         threads=ctx.threads)
+                                         threads=ctx.threads, **ctx.interval("onnx-fp32", res.chosen.path))
     if res.chosen.excluded:
         art["fallback_layers"] = list(res.chosen.excluded)
     return art, {"candidates": candidates, "recipe": recipe.to_dict(), "fallback": res.report()}
 
 
 def _tensorrt_target(ctx: _Context, method: str):
-    from rdcd.quantize.onnx_ptq import OrtEmbedder, Recipe, check_qdq, trtexec_command
+    """``tensorrt-int8``: the QDQ model TensorRT builds from (``qdq_source``), the one build script with its INT8
+    lines, and the engine (``path``), built and run here only where TensorRT and a CUDA device are present."""
+    from rdcd.export import tensorrt as T
+    from rdcd.fsutil import sha256
+    from rdcd.quantize.onnx_ptq import OrtEmbedder, Recipe, check_qdq
     from rdcd.quantize.sensitivity import fallback_loop
 
     q = ctx.quantizer
@@ -364,49 +397,66 @@ def _tensorrt_target(ctx: _Context, method: str):
     def build(excluded, i):
         return q.quantize(ctx.work / f"trt-step{i}.onnx", recipe, excluded)
 
-    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads, reference=True)), ranking,
+    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads, reference=True), key=p), ranking,
                         ctx.fp32_uap or 0.0, ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="tensorrt-int8")
-    rel = Path("tensorrt") / "model-int8.onnx"
-    out = ctx.manifest.dir / rel
-    with atomic_path(out) as tmp:
+    tdir, size, batch = ctx.manifest.dir / T.DIRNAME, ctx.spec.size, T.profile_batch(ctx.manifest)
+    qdq, engine = tdir / T.ONNX_INT8, tdir / T.ENGINES["int8"]
+    with atomic_path(qdq) as tmp:
         shutil.copyfile(res.chosen.path, tmp)
-    engine = Path("tensorrt") / "model-int8.engine"
-    cmd = trtexec_command(str(rel), str(engine), ctx.spec.size)
-    write_text(ctx.manifest.dir / "tensorrt" / "build_engine_int8.sh",
-               "#!/bin/sh\n# Build the INT8 TensorRT engine on the target device (run from the export directory).\n"
-               "# The QDQ model carries its scales: no calibration cache is needed.\nset -e\n" + cmd + "\n")
-    os.chmod(ctx.manifest.dir / "tensorrt" / "build_engine_int8.sh", 0o755)
-    trt_ref = _fp_artifact(ctx.manifest, "tensorrt", ("fp32", "fp16"))
-    reason = _tensorrt_reason()
-    art = ctx.base("tensorrt-int8", "tensorrt", "int8", str(rel), "tensorrt",
-                   ctx.onnx_art["name"], status="not_checkable", reason=reason)
+    if engine.exists():
+        log.warning("removing %s: it was built from the QDQ model just replaced", engine)
+        engine.unlink()
+    (tdir / "build_engine_int8.sh").unlink(missing_ok=True)  # older versions' second script: one builder now
+    label = (ctx.manifest.data.get("source") or {}).get("label") or "this model"
+    T.write_script(tdir, label, size, batch, int(ctx.onnx_art["output"]["dim"]), int8=True,
+                   fp16=(tdir / T.ONNX).is_file() and (tdir / T.ONNX_FP16).is_file())
+    options, cmd = T.build_options("int8", size, batch)
+    art = ctx.base("tensorrt-int8", "tensorrt", "int8", f"{T.DIRNAME}/{T.ENGINES['int8']}", "tensorrt",
+                   ctx.onnx_art["name"])
+    art["input"]["shape"] = [f"1..{batch}", size, size, 3]
     art["produced_by"] = ctx.produced_by("onnxruntime.quantization static PTQ (QDQ, TensorRT explicit quantization)",
-                                         {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes})
-    art["command"] = cmd
-    art["engine_path"] = str(engine)
+                                         {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,
+                                          "calibration_cache": None})
+    art.update(qdq_source=f"{T.DIRNAME}/{T.ONNX_INT8}", qdq_sha256=sha256(qdq), qdq=check_qdq(qdq), command=cmd,
+               checks={"unit_norm": check_unit_norm(OrtEmbedder(qdq, ctx.threads, reference=True), ctx.calib.images,
+                                                    "tensorrt-int8 (QDQ reference)")},
+               engine_built=False)
+    trt_ref = _fp_artifact(ctx.manifest, "tensorrt", ("fp32", "fp16"))
     if trt_ref is not None:
         art["tensorrt_reference"] = trt_ref["name"]
-    art["qdq"] = check_qdq(out)
+    uap, runtime, simulated, key = res.chosen.micro_ap, TRT_PREDICTION, True, res.chosen.path
+    ok, why = T.availability()
+    if not ok:
+        art.update(status="not_checkable", reason=f"{T.NOT_BUILT} ({why}); build it on the device with "
+                                                  f"{T.DIRNAME}/{T.SCRIPT} (from {art['qdq_source']})")
+    else:  # pragma: no cover - needs TensorRT and an NVIDIA GPU: never executed in this workplace
+        try:
+            from rdcd.export.parity import parity
+            from rdcd.validate.runtimes import TensorRTRunner
+
+            art["build"] = T.build(tdir, "int8", size, batch)
+            art["engine_built"] = True
+            runner, images = TensorRTRunner(engine), ctx.calib.images[:SENSITIVITY_IMAGES]
+            art["parity"] = parity(OrtEmbedder(qdq, ctx.threads, reference=True)(images), runner(images),
+                                   "onnxruntime QDQ reference", f"tensorrt {runner.version}")
+            if ctx.bench is not None:
+                uap, runtime, simulated, key = ctx.uap(runner, key="tensorrt"), f"tensorrt {runner.version}", False, "tensorrt"
+        except (MissingDependency, RuntimeUnavailable) as exc:
+            art.update(status="not_checkable", reason=f"engine built, not run here: {str(exc).splitlines()[0]}")
+        except Exception as exc:
+            art.update(status="failed", reason=f"TensorRT INT8 engine: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     if ctx.bench is not None:
         art["accuracy"] = accuracy_block(
-            ctx.bench, ctx.fp32_uap, res.chosen.micro_ap,
-            "onnxruntime (QDQ reference semantics, graph optimisations off): the TensorRT INT8 prediction", True,
-            note="TensorRT builds its INT8 engine from this QDQ model; µAP measured in ONNX Runtime on CPU")
+            ctx.bench, ctx.fp32_uap, uap, runtime, simulated, prediction_micro_ap=round(res.chosen.micro_ap, 6),
+            note="TensorRT builds its INT8 engine from the QDQ model (qdq_source); the prediction is its µAP in "
+                 "ONNX Runtime on CPU", **ctx.interval("onnx-fp32", key))
     if res.chosen.excluded:
         art["fallback_layers"] = list(res.chosen.excluded)
-    return art, {"recipe": recipe.to_dict(), "fallback": res.report(), "command": cmd}
-
-
-def _tensorrt_reason() -> str:
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return "engine not built here: no TensorRT/NVIDIA GPU on this machine; build it on the device with the command"
-    return "engine not built by rdcd-quantize: build it on the target device with the command (engines are device-specific)"
+    return art, {"recipe": recipe.to_dict(), "fallback": res.report(), "command": cmd, "batch": batch}
 
 
 def _openvino_target(ctx: _Context, fp32_onnx: Path):
-    from rdcd.quantize.openvino_ptq import OpenVINOQuantizer, count_fake_quantize
+    from rdcd.quantize.openvino_ptq import OVERFLOW_FIX, OpenVINOQuantizer, count_fake_quantize
     from rdcd.quantize.sensitivity import fallback_loop
     from rdcd.validate.runtimes import OpenVINORunner
 
@@ -417,14 +467,14 @@ def _openvino_target(ctx: _Context, fp32_onnx: Path):
     method = "minmax" if (ctx.chosen_method or "minmax") != "percentile" else "percentile"
     fp32_uap = ctx.fp32_uap
     if ctx.bench is not None:
-        fp32_uap = ctx.uap(OpenVINORunner(source, threads=ctx.threads))
+        fp32_uap = ctx.uap(OpenVINORunner(source, threads=ctx.threads), key="openvino-fp32")
     ranking = ctx.rank(_default_recipe()) if ctx.bench is not None else []
 
     def build(excluded, i):
         out = ctx.work / f"ov-step{i}" / "model.xml"
         return ovq.quantize(out, q.float_nodes + q.node_names(excluded), method)
 
-    res = fallback_loop(build, lambda p: ctx.uap(OpenVINORunner(p, threads=ctx.threads)), ranking,
+    res = fallback_loop(build, lambda p: ctx.uap(OpenVINORunner(p, threads=ctx.threads), key=p), ranking,
                         fp32_uap or 0.0, ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="openvino-int8")
     out_dir = ctx.manifest.dir / "openvino-int8"
     with atomic_path(out_dir, suffix="") as tmp:
@@ -433,16 +483,19 @@ def _openvino_target(ctx: _Context, fp32_onnx: Path):
     art = ctx.base("openvino-int8", "openvino", "int8", rel, "openvino",
                    ov_art["name"] if ov_art else ctx.onnx_art["name"])
     art["produced_by"] = ctx.produced_by("nncf.quantize (OpenVINO)", {"preset": "mixed", "method": method,
+                                                                      "overflow_fix": OVERFLOW_FIX,
                                                                       "source": str(source.relative_to(ctx.manifest.dir))
                                                                       if source.is_relative_to(ctx.manifest.dir) else str(source),
                                                                       "ignored_onnx_nodes": q.float_nodes})
     art["fake_quantize_ops"] = count_fake_quantize(ctx.manifest.dir / rel)
+    art["checks"] = {"unit_norm": check_unit_norm(OpenVINORunner(ctx.manifest.dir / rel, threads=ctx.threads),
+                                                  ctx.calib.images, "openvino-int8")}
     from rdcd.fsutil import size_bytes
 
     art["size_bytes"] = size_bytes(out_dir)  # model.xml + model.bin
     if ctx.bench is not None:
         art["accuracy"] = accuracy_block(ctx.bench, fp32_uap, res.chosen.micro_ap, "openvino", False,
-                                         threads=ctx.threads)
+                                         threads=ctx.threads, **ctx.interval("openvino-fp32", res.chosen.path))
     if res.chosen.excluded:
         art["fallback_layers"] = list(res.chosen.excluded)
     return art, {"fallback": res.report(), "fp32_micro_ap": fp32_uap}
@@ -461,7 +514,7 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
 
     size = ctx.spec.size
     static, layer_paths = make_static(student, size)
-    fp32_uap = ctx.uap(SimEmbedder(static)) if ctx.bench is not None else None
+    fp32_uap = ctx.uap(SimEmbedder(static), key="pytorch-fp32") if ctx.bench is not None else None
     ranking = [l for l in ctx.rank(_default_recipe()) if l in layer_paths] if ctx.bench is not None else []
     sims: dict[int, W8A8] = {}
 
@@ -474,12 +527,13 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
     def measure_w8a8(_):
         i = len(steps_seen)
         steps_seen.append(i)
-        return ctx.uap(sims[i].embedder())
+        return ctx.uap(sims[i].embedder(), key=("w8a8", i))
 
     res = fallback_loop(build, measure_w8a8, ranking, fp32_uap or 0.0, ctx.max_drop, ctx.max_steps,
                         enabled=ctx.fallback, label="coreml-w8a8")
     chosen_i = res.steps.index(res.chosen)
     sim = sims[chosen_i]
+    unit_norm = check_unit_norm(sim.embedder(), ctx.calib.images, "coreml-w8a8 (simulated)")
     meta = {"rdcd.precision": "w8a8", "rdcd.input_size": str(size), "rdcd.dim": str(student.config.dim),
             "rdcd.preprocess": ctx.spec.to_dict()}
     pkg = ctx.manifest.dir / "model.w8a8.mlpackage"
@@ -498,20 +552,22 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
                                            "activations": "8-bit", "minimum_deployment_target": "iOS17",
                                            "checkpoint": str(checkpoint)})
     w8a8["mlpackage"] = mlpackage_facts(pkg)
+    w8a8["checks"] = {"unit_norm": unit_norm}
     w8a8["simulation"] = {"path": sim_dir.name, "load": "rdcd.quantize.coreml_ptq.load_w8a8_simulation(student, path)"}
     if ctx.bench is not None:
         uap, runtime, simulated = res.chosen.micro_ap, "simulated in PyTorch (coremltools.optimize.torch)", True
         if on_mac:
             uap, runtime, simulated = _real_coreml_uap(ctx, pkg), "coreml", False
         w8a8["accuracy"] = accuracy_block(ctx.bench, fp32_uap, uap, runtime, simulated,
-                                          fp32_runtime="pytorch", simulated_micro_ap=round(res.chosen.micro_ap, 6))
+                                          fp32_runtime="pytorch", simulated_micro_ap=round(res.chosen.micro_ap, 6),
+                                          **ctx.interval("pytorch-fp32", ("w8a8", chosen_i)))
     if res.chosen.excluded:
         w8a8["fallback_layers"] = list(res.chosen.excluded)
     arts.append(w8a8)
 
     # weight-only W8
     w8_model = w8_simulation(static)
-    w8_uap = ctx.uap(SimEmbedder(w8_model)) if ctx.bench is not None else None
+    w8_uap = ctx.uap(SimEmbedder(w8_model), key="w8") if ctx.bench is not None else None
     pkg8 = ctx.manifest.dir / "model.w8.mlpackage"
     source = "converted from the checkpoint"
     if fp_ml is not None:
@@ -533,7 +589,7 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
         if on_mac:
             uap, runtime, simulated = _real_coreml_uap(ctx, pkg8), "coreml", False
         w8["accuracy"] = accuracy_block(ctx.bench, fp32_uap, uap, runtime, simulated, fp32_runtime="pytorch",
-                                        simulated_micro_ap=round(w8_uap, 6))
+                                        simulated_micro_ap=round(w8_uap, 6), **ctx.interval("pytorch-fp32", "w8"))
     arts.append(w8)
     return arts, {"fp32_micro_ap_pytorch": fp32_uap, "w8a8_fallback": res.report(), "w8_micro_ap": w8_uap}
 

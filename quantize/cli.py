@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed, RdcdError
+
+LIBRARY_LOG = "quantize-libraries.log"
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -60,6 +63,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--no-codes", action="store_true", help="skip the int8/binary descriptor code evaluation")
     p.add_argument("--latency", type=int, default=0, metavar="ITERS",
                    help="also time FP32 vs INT8 ONNX at batch 1 (ITERS runs x 3 rounds)")
+    p.add_argument("--library-log", metavar="FILE",
+                   help=f"where NNCF's, ONNX Runtime's and Core ML Tools' own logs go (default: EXPORTS/{LIBRARY_LOG}; "
+                        "with -v they are printed instead)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -93,15 +99,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cli.setup_logging(a.verbose)
-    import logging
-
-    if not a.verbose:
-        for noisy in ("nncf", "coremltools", "onnxruntime", "root"):
-            logging.getLogger(noisy).setLevel(logging.ERROR)
     targets = parse_targets(a.target)
     if a.calib_count < 1:
         raise RdcdError(f"--calib-count must be at least 1, got {a.calib_count}")
+    from rdcd.logs import keep_library_logs, library_log_path
     from rdcd.quantize.api import quantize_export
+
+    library_log = library_log_path()  # rdcd-demo routes every stage's library logs to one file
+    if not a.verbose and (a.library_log or library_log is None):
+        # NNCF / ONNX Runtime / Core ML Tools logs in a file; rdcd's own warnings stay on the console
+        library_log = keep_library_logs(a.library_log or Path(a.exports) / LIBRARY_LOG)
 
     command = "rdcd-quantize " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     arts = quantize_export(a.exports, a.calib_dir, calib_count=a.calib_count, benchmark=a.benchmark,
@@ -111,6 +118,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
                            reduce_range=a.reduce_range, codes=not a.no_codes, latency_iters=a.latency,
                            command=command, raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
     print_summary(arts, a.exports, a.max_drop)
+    if library_log is not None:
+        print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
     failed = [x for x in arts if x.get("accuracy") and x["accuracy"]["drop"] > a.max_drop]
     if failed:
         raise GateFailed(f"µAP drop above --max-drop {a.max_drop} after fallback: "
@@ -118,22 +127,26 @@ def _main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _drop_text(acc: dict) -> str:
+    ci = acc.get("drop_ci95")
+    return f"{acc['drop']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+
+
 def print_summary(arts: list[dict], export_dir, max_drop: float) -> None:
     import json
-    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"INT8 artifacts in {export_dir}", show_lines=False)
-    for col in ("artifact", "path", "µAP FP32", "µAP INT8", "drop", "measured with", "float layers", "status"):
+    for col in ("artifact", "path", "µAP FP32", "µAP INT8", "drop [95% CI]", "measured with", "float layers", "status"):
         t.add_column(col)
     for x in arts:
         acc = x.get("accuracy") or {}
         ok = not acc or acc["drop"] <= max_drop
         mark = ("✅" if x["status"] == "ok" else "❎") if ok else "❌"
         t.add_row(x["name"], x["path"], f"{acc['fp32_micro_ap']:.4f}" if acc else "-",
-                  f"{acc['micro_ap']:.4f}" if acc else "-", f"{acc['drop']:+.4f}" if acc else "-",
+                  f"{acc['micro_ap']:.4f}" if acc else "-", _drop_text(acc) if acc else "-",
                   (acc.get("runtime", "")[:40] + (" (sim)" if acc.get("simulated") else "")) if acc else "not measured",
                   str(len(x.get("fallback_layers", []))), f"{mark} {x['status']}")
     console = Console(width=160)

@@ -429,10 +429,13 @@ class OnnxQuantizer:
         preset = nncf.QuantizationPreset.PERFORMANCE if recipe.activations == "symmetric" else nncf.QuantizationPreset.MIXED
         ranges = RangeEstimatorParametersSet.MINMAX if recipe.method == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
         adv = AdvancedQuantizationParameters(activations_range_estimator_params=ranges)
+        from rdcd.logs import library_stdout
+
         try:
-            q = nncf.quantize(model, ds, preset=preset, subset_size=len(images),
-                              ignored_scope=nncf.IgnoredScope(names=exclude, validate=False),
-                              advanced_parameters=adv)
+            with library_stdout():  # NNCF's progress bars
+                q = nncf.quantize(model, ds, preset=preset, subset_size=len(images),
+                                  ignored_scope=nncf.IgnoredScope(names=exclude, validate=False),
+                                  advanced_parameters=adv)
         except Exception as exc:
             raise RdcdError(f"NNCF could not quantize {self.fp32_path.name}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -463,11 +466,3 @@ class OrtEmbedder:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.uint8)})[0]
-
-
-def trtexec_command(onnx_path: str, engine_path: str, size: int, opt_batch: int = 1, max_batch: int = 32) -> str:
-    """The trtexec line that builds the INT8 engine from the QDQ model (scales are explicit: no calibration
-    cache); --fp16 lets TensorRT run the float head/tail layers in half precision."""
-    return (f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --int8 --fp16 "
-            f"--minShapes=image:1x{size}x{size}x3 --optShapes=image:{opt_batch}x{size}x{size}x3 "
-            f"--maxShapes=image:{max_batch}x{size}x{size}x3")

@@ -20,6 +20,12 @@ from rdcd.fsutil import atomic_path
 log = logging.getLogger(__name__)
 
 
+#: Measured (docs/reports/quantize.md): with NNCF's default (first layer only) the same INT8 IR gave different
+#: descriptors on this CPU with and without VNNI (``ONEDNN_MAX_CPU_ISA=AVX512_CORE``: mean cosine to FP32 0.87
+#: vs 0.92); with ``enable`` both ISAs give identical results, so the µAP the gate measures is the one every CPU gets.
+OVERFLOW_FIX = "enable"
+
+
 def _imports():
     try:
         import nncf
@@ -30,13 +36,26 @@ def _imports():
 
 
 def ov_names(model, onnx_nodes: Iterable[str]) -> list[str]:
-    """OpenVINO op names that stem from the given ONNX node names."""
+    """OpenVINO op names that stem from the given ONNX node names, plus everything downstream of a named
+    op that follows the last MatMul (the float tail).
+
+    The converter does not keep every ONNX name: ``Div(x, Expand(Clip(ReduceL2(x))))``, the L2
+    normalisation, becomes one ``Divide_<n>`` once the Expand is folded. Matched by name alone, that
+    Divide stayed quantizable and NNCF put 8-bit FakeQuantize ops on both its inputs, the projector output
+    and the *norm*, so INT8 descriptors were no longer unit length (norms 0.96-1.5 measured) and scores
+    stopped being comparable across queries; no fallback step could undo it, as the op had no ONNX name."""
     wanted = set(onnx_nodes)
-    out = []
-    for op in model.get_ordered_ops():
+    ops = model.get_ordered_ops()
+    last_matmul = max((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"), default=len(ops))
+    out, tail = [], set()
+    for i, op in enumerate(ops):
         name = op.get_friendly_name()
-        if name in wanted or name.split("/", 1)[0] in wanted:
+        named = name in wanted or name.split("/", 1)[0] in wanted
+        fed_by_tail = any(inp.get_source_output().get_node().get_friendly_name() in tail for inp in op.inputs())
+        if named or (fed_by_tail and op.get_type_name() not in ("Result", "Constant")):
             out.append(name)
+            if i > last_matmul:
+                tail.add(name)
     return out
 
 
@@ -57,10 +76,13 @@ class OpenVINOQuantizer:
         except Exception as exc:
             raise RdcdError(f"OpenVINO cannot read {self.source}: {str(exc).splitlines()[0]}") from None
 
-    def quantize(self, out_xml: str | os.PathLike, onnx_float_nodes: Sequence[str], method: str = "minmax") -> Path:
-        """Quantize and write ``out_xml`` (its folder is replaced atomically)."""
+    def quantize(self, out_xml: str | os.PathLike, onnx_float_nodes: Sequence[str], method: str = "minmax",
+                 overflow_fix: str = OVERFLOW_FIX) -> Path:
+        """Quantize and write ``out_xml`` (its folder is replaced atomically). ``overflow_fix``: NNCF's
+        ``OverflowFix`` (``enable``: 7-bit weights in every layer, so that CPUs without VNNI, whose u8 x s8
+        multiply-adds saturate in int16, compute what CPUs with VNNI compute)."""
         ov, nncf = _imports()
-        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
         from nncf.quantization.range_estimator import RangeEstimatorParametersSet
 
         model = self.read()
@@ -68,11 +90,15 @@ class OpenVINOQuantizer:
         images = self.calib
         ds = nncf.Dataset([images[i: i + 1] for i in range(len(images))])
         ranges = RangeEstimatorParametersSet.MINMAX if method == "minmax" else RangeEstimatorParametersSet.MEAN_QUANTILE
+        from rdcd.logs import library_stdout
+
         try:
-            q = nncf.quantize(model, ds, preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
-                              ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
-                              advanced_parameters=AdvancedQuantizationParameters(
-                                  activations_range_estimator_params=ranges))
+            with library_stdout():  # NNCF's progress bars
+                q = nncf.quantize(model, ds, preset=nncf.QuantizationPreset.MIXED, subset_size=len(images),
+                                  ignored_scope=nncf.IgnoredScope(names=ignored, validate=False),
+                                  advanced_parameters=AdvancedQuantizationParameters(
+                                      activations_range_estimator_params=ranges,
+                                      overflow_fix=OverflowFix(overflow_fix)))
         except Exception as exc:
             raise RdcdError(f"NNCF could not quantize {self.source.name} for OpenVINO: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -6,8 +6,10 @@ Schema (version 1)::
       "schema": 1,
       "rdcd_version": "0.1.0",
       "created": "2026-11-23T12:00:00Z",
-      "source": {"kind": "student" | "teacher", "checkpoint": "runs/x", "sha256": "...", "model": {...}},
+      "source": {"kind": "student" | "teacher", "checkpoint": "runs/x", "sha256": "...", "model": {...}, "label": "..."},
       "preprocess": {"size": 224, "mean": [...], "std": [...], "resize": "stretch-bilinear", ...},
+      "tensorrt": {"batch": 8},                     # optional: engine profile batch 1..8 (optimised for 8), recorded
+                                                    # by rdcd-export --target tensorrt, reused by rdcd-quantize
       "artifacts": [
         {
           "name": "onnx-fp32",                      # unique within the manifest
@@ -30,13 +32,20 @@ Schema (version 1)::
           "deployment_target": "iOS16",             # Core ML minimum deployment target
           "build": {...},                           # TensorRT engine build settings, where one was built
           "content_sha256": "...",                  # OpenVINO: over the .xml and .bin sha256s (size_bytes counts both)
+          # TensorRT INT8 (rdcd-quantize's tensorrt-int8): "path" is the engine, tensorrt/model-int8.engine
+          "qdq_source": "tensorrt/model-int8.onnx",  # the QDQ model the engine is (to be) built from
+          "qdq_sha256": "...", "engine_built": false,  # built by rdcd-quantize here, or not (file absent)
+          "command": "trtexec ...",                 # its trtexec line (TensorRT <= 10; produced_by.options has the 11 one)
         }
       ],
       "notes": {"parity": "...", "parity_images": ["astronaut.png", ...]}   # optional
     }
 
 ``status`` "not_checkable" also covers artifacts that could not be *built* here (a TensorRT engine
-without a GPU: ``path`` names the engine the build script writes, ``reason`` says why).
+without a GPU: ``path`` names the engine ``tensorrt/build_engine.sh`` writes, the file is absent,
+``reason`` says why; the gate runs the engine once it exists). A row never says "ok" for a file that
+does not exist. Manifests written before rdcd-quantize built engines have ``tensorrt-int8`` with
+``path`` = the QDQ model and ``engine_path`` = the engine: the gate reads that ``path`` as the QDQ source.
 """
 
 from __future__ import annotations

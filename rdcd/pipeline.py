@@ -1,7 +1,7 @@
 """``rdcd-demo``: the main job, end to end on a built-in default (small, CPU, minutes).
 
-1. **benchmark**: a DISC2021-layout benchmark of held-out training-pool images and their edited copies
-   (scikit-image photos when the pool is absent);
+1. **benchmark**: a DISC2021-layout benchmark of held-out pool images and photos and their edited copies
+   (1,120 true pairs by default; scikit-image photos when the pool is absent);
 2. **baselines**: the offline SSCD teacher, its MobileNetV4 peer, PDQ and the untrained student on it;
 3. **distill**: a short RDCD run of the student from the offline teacher (``rdcd-distill``);
 4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (``rdcd-export``);
@@ -90,6 +90,11 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--max-images", type=int, default=4000,
                    help="training images drawn from both folders (default 4000: a CPU-sized feature cache)")
     p.add_argument("--holdout", type=int, default=600, help="pool images held out for the benchmark (default 600)")
+    p.add_argument("--photo-holdout", type=int, default=1000,
+                   help="photos held out for the benchmark too, when --photos-dir exists (default 1000)")
+    p.add_argument("--queries-per-ref", type=int, default=2,
+                   help="edited copies per matched reference (default 2: with the defaults, 1,120 true pairs, "
+                        "enough to resolve a 0.005 µAP drop)")
     p.add_argument("--backbone", default="efficientnet_lite0")
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--size", type=int, default=128, help="student input size (default 128: CPU-sized)")
@@ -107,7 +112,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--cache-views", type=int, default=2,
                    help="cached views per training image (default 2: the head stage contrasts two views of an image)")
     p.add_argument("--calib-count", type=int, default=300, help="INT8 calibration images (default 300)")
-    p.add_argument("--max-drop", type=float, default=0.01, help="gate: largest INT8 µAP drop (default 0.01)")
+    p.add_argument("--max-drop", type=float, default=0.005, help="gate: largest INT8 µAP drop (default 0.005)")
     p.add_argument("--stages", default="bench,baselines,distill,export,quantize,validate",
                    help="comma list of stages to run (default: all)")
     return p
@@ -126,11 +131,17 @@ def _main(argv: Sequence[str] | None) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    from rdcd.logs import keep_library_logs
+
+    library_log = keep_library_logs(out / "libraries.log")  # NNCF, ONNX Runtime, Core ML Tools, warnings
     t0 = time.time()
     timings: dict[str, float] = {}
     pool = Path(a.train_dir)
     if pool.is_dir():
-        bench_dir = build_demo(out / "bench", DemoConfig(source=str(pool), holdout=a.holdout))
+        photos = Path(a.photos_dir)
+        extra = ((str(photos), a.photo_holdout),) if photos.is_dir() and a.photo_holdout > 0 else ()
+        bench_dir = build_demo(out / "bench", DemoConfig(source=str(pool), holdout=a.holdout, extra=extra,
+                                                         queries_per_ref=a.queries_per_ref, positive_share=0.7))
         train_dir = pool
     else:
         log.warning("training pool %s not found: benchmark and training from scikit-image photos", pool)
@@ -195,10 +206,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
         code = _stage("quantize", "rdcd-quantize", quantize,
                       ["--exports", str(export_dir), "--calib-dir", str(train_dir), "--calib-count", str(calib_count),
-                       "--benchmark", str(bench_dir), "--checkpoint", str(run_dir), "--max-drop", "0.005",
+                       "--benchmark", str(bench_dir), "--checkpoint", str(run_dir), "--max-drop", str(a.max_drop),
                        "--latency", "200"], timings)
         if code == 1:  # the quantize stage's own (stricter) target missed: the gate below decides
-            log.warning("rdcd-quantize: INT8 drop above 0.005 after fallback; the gate (max drop %s) decides", a.max_drop)
+            log.warning("rdcd-quantize: INT8 drop above %s after fallback; the gate decides", a.max_drop)
             code = 0
     if "validate" in stages and code == 0:
         from rdcd.validate.gate import gate_main
@@ -213,6 +224,7 @@ def _main(argv: Sequence[str] | None) -> int:
     summary["wall_seconds"] = round(time.time() - t0, 1)
     write_json(out / "summary.json", summary)
     print(f"\nsummary written to {out / 'summary.json'}: wall {summary['wall_seconds']} s, stages {timings}")
+    print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
     return code
 
 

@@ -98,3 +98,25 @@ def test_eval_cli_writes_predictions_that_metrics_cli_reproduces(tiny_bench, tmp
                           "--ground-truth", str(tiny_bench / "ground_truth.csv")], capture_output=True, text=True,
                          check=True)
     assert abs(json.loads(out.stdout)["micro_ap"] - ev["micro_ap"]) < 1e-6
+
+
+def test_mixed_sources_and_recorded_config(tmp_path, skimage_dir):
+    """Two folders mixed into one benchmark (as the demo mixes pool and photos); a rebuild with other
+    settings is refused instead of silently reusing the old benchmark."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    pngs = sorted(skimage_dir.glob("*.png"))
+    for p in pngs[:8]:
+        shutil.copy(p, a / p.name)
+    for p in pngs[8:18]:
+        shutil.copy(p, b / p.name)
+    cfg = DemoConfig(source=str(a), holdout=6, extra=((str(b), 8),), queries_per_ref=2, positive_share=0.7, seed=2)
+    bench = build_demo(tmp_path / "mixed", cfg)
+    used = used_sources(bench)
+    assert used & {p.name for p in a.iterdir()} and used & {p.name for p in b.iterdir()}
+    assert len(used) == 14  # 6 held out of a, 8 of b
+    pairs = load_benchmark(bench).gt_pairs
+    assert len(pairs) == 2 * len({r for _, r in pairs})  # two edited copies per matched reference
+    assert build_demo(tmp_path / "mixed", cfg) == bench  # same settings: reused
+    with pytest.raises(RdcdError, match="other settings"):
+        build_demo(tmp_path / "mixed", DemoConfig(source=str(a), holdout=6, seed=2))

@@ -403,7 +403,7 @@ def test_int8_without_quantize_stage_or_calib_exit_2(student_run, tmp_path, skim
 def _stand_in_quantize(calls: list, fail: str | None = None, tensorrt_row: bool = False):
     """A stand-in for the quantize stage (another engineer's module, tested there): real QDQ INT8 by
     onnxruntime, written the way rdcd.quantize.api does (an onnx-int8 row; with ``tensorrt_row`` also
-    its own tensorrt-int8 row whose path is the QDQ model for TensorRT)."""
+    its own tensorrt-int8 row: path the engine, not built here, qdq_source its QDQ model)."""
     import types
 
     def quantize_export(export_dir, calib_dir=None, **kwargs):
@@ -434,10 +434,10 @@ def _stand_in_quantize(calls: list, fail: str | None = None, tensorrt_row: bool 
                     "produced_by": {"tool": "stand-in quantize stage"}, "status": "ok"})
         if tensorrt_row:
             (export_dir / "tensorrt").mkdir(exist_ok=True)
-            shutil.copy(export_dir / "model.int8.onnx", export_dir / "tensorrt" / "model.int8.qdq.onnx")
+            shutil.copy(export_dir / "model.int8.onnx", export_dir / "tensorrt" / "model-int8.onnx")
             man.upsert({"name": "tensorrt-int8", "target": "tensorrt", "precision": "int8",
-                        "path": "tensorrt/model.int8.qdq.onnx", "engine_path": "tensorrt/model.int8.engine",
-                        "runtime": "tensorrt", "input": inp, "output": out, "reference": "onnx-fp32",
+                        "path": "tensorrt/model-int8.engine", "qdq_source": "tensorrt/model-int8.onnx",
+                        "engine_built": False, "runtime": "tensorrt", "input": inp, "output": out, "reference": "onnx-fp32",
                         "produced_by": {"tool": "stand-in quantize stage"}, "status": "not_checkable",
                         "reason": "engine not built here"})
         man.save()
@@ -472,18 +472,15 @@ def test_int8_delegates_to_quantize_stage(tiny_teacher, tmp_path, skimage_dir, m
     assert calls == [(out, calib, ("onnx", "tensorrt"))]  # Core ML INT8 needs a student checkpoint
     man = Manifest.load(out)
     assert man.get("onnx-int8")["status"] == "ok"
-    trt = man.get("tensorrt-int8")  # no TensorRT row from the quantize stage: this stage writes it
-    assert trt["reference"] == "onnx-int8" and trt["produced_by"]["options"]["calibration_cache"] is None
-    assert "--int8" in trt["produced_by"]["command"] and "calib" not in trt["produced_by"]["command"]
-    tdir = out / "tensorrt"
-    assert (tdir / "model-int8.onnx").read_bytes() == (out / "model.int8.onnx").read_bytes()
-    assert _script_calls(tmp_path, tdir / "build_engine.sh") == [man.get("tensorrt-fp16")["produced_by"]["command"],
-                                                                   trt["produced_by"]["command"]]
+    # no TensorRT row from the quantize stage: the ONNX Runtime model (asymmetric activations) is no engine
+    # input, so no INT8 row or line; the script says how to get one
+    assert man.get("tensorrt-int8") is None and not (out / "tensorrt" / "model-int8.onnx").exists()
+    script = out / "tensorrt" / "build_engine.sh"
+    assert _script_calls(tmp_path, script) == [man.get("tensorrt-fp16")["produced_by"]["command"]]
+    assert "rdcd-quantize --target tensorrt" in script.read_text()
 
 
 def test_int8_uses_the_quantize_stages_tensorrt_row(tiny_teacher, tmp_path, skimage_dir, monkeypatch):
-    from rdcd.export.tensorrt import availability
-
     calib = _calib(tmp_path, skimage_dir)
     calls: list = []
     monkeypatch.setitem(sys.modules, "rdcd.quantize.api", _stand_in_quantize(calls, tensorrt_row=True))
@@ -491,11 +488,11 @@ def test_int8_uses_the_quantize_stages_tensorrt_row(tiny_teacher, tmp_path, skim
     assert main(["--teacher", str(tiny_teacher), "--target", "onnx,tensorrt", "--size", "64", "--int8",
                  "--calib", str(calib), "--out", str(out)]) == 0
     man = Manifest.load(out)
-    row = man.get("tensorrt-int8")  # theirs, untouched
-    assert row["produced_by"]["tool"] == "stand-in quantize stage" and row["path"] == "tensorrt/model.int8.qdq.onnx"
+    row = man.get("tensorrt-int8")  # theirs, untouched: one INT8 row, built (or not) by the quantize stage
+    assert row["produced_by"]["tool"] == "stand-in quantize stage" and row["path"] == "tensorrt/model-int8.engine"
     assert row["reason"] == "engine not built here"
-    assert (man.get("tensorrt-int8-engine") is not None) == availability()[0]
-    int8_line = ("trtexec --onnx=model.int8.qdq.onnx --saveEngine=model.int8.engine --int8 --fp16 "
+    assert [a["name"] for a in man.artifacts if a["target"] == "tensorrt"] == ["tensorrt-int8", "tensorrt-fp16"]
+    int8_line = ("trtexec --onnx=model-int8.onnx --saveEngine=model-int8.engine --int8 --fp16 "
                  "--minShapes=image:1x64x64x3 --optShapes=image:8x64x64x3 --maxShapes=image:8x64x64x3")
     assert _script_calls(tmp_path, out / "tensorrt" / "build_engine.sh")[1] == int8_line
     assert "--stronglyTyped" in _script_calls(tmp_path, out / "tensorrt" / "build_engine.sh", "110000")[1]

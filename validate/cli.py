@@ -3,11 +3,12 @@
 Sub-commands::
 
     rdcd-validate metrics --predictions P.csv --ground-truth G.csv     # ISC2021 metrics as JSON
-    rdcd-validate build-demo OUT [--source skimage|DIR --holdout N]   # DISC-layout demo benchmark
+    rdcd-validate build-demo OUT [--source skimage|DIR --holdout N ...]   # DISC-layout demo benchmark
     rdcd-validate eval --benchmark B --model M [--whiten --score-norm 1.0[0,2]]
     rdcd-validate gate --benchmark B --exports DIR [--max-drop 0.01]   # also the default:
     rdcd-validate --benchmark B --exports DIR ...                      #   no sub-command = gate
     rdcd-validate merge --report OUT --bench-json F                    # add rdcd-bench device columns
+    rdcd-validate sweep --checkpoint RUN --benchmark B --calib-dir D --out DIR   # µAP / latency front
 
 Exit codes: 0 success, 1 a gate failed, 2 bad usage or bad input.
 """
@@ -21,7 +22,7 @@ from typing import Sequence
 from rdcd import cli
 from rdcd.errors import RdcdError
 
-SUBCOMMANDS = ("metrics", "build-demo", "eval", "gate", "merge")
+SUBCOMMANDS = ("metrics", "build-demo", "eval", "gate", "merge", "sweep")
 
 
 def _metrics(argv: Sequence[str]) -> int:
@@ -45,21 +46,41 @@ def _metrics(argv: Sequence[str]) -> int:
 
 
 def _build_demo(argv: Sequence[str]) -> int:
+    from rdcd.validate.demo import DemoConfig, build_demo
+
     p = cli.ArgumentParser(prog="rdcd-validate build-demo",
                            description="Build a DISC2021-layout benchmark of real photos and DISC-style edited copies.")
     p.add_argument("out", help="output folder")
-    p.add_argument("--source", default="skimage", help="'skimage' (photos shipped with scikit-image) or an image folder")
-    p.add_argument("--holdout", type=int, default=0,
-                   help="with a folder: use this many held-out images (chosen by sha1 of the name; 0 = all)")
-    p.add_argument("--queries-per-ref", type=int, default=1)
+    p.add_argument("--source", action="append", metavar="skimage|DIR",
+                   help="'skimage' (photos shipped with scikit-image, the default) or an image folder; repeat to mix "
+                        "folders (e.g. the pool and the photos) into one benchmark")
+    p.add_argument("--holdout", type=int, action="append", metavar="N",
+                   help="with a folder: use this many held-out images (chosen by sha1 of the name; 0 = all); one "
+                        "value for every --source, or one per --source")
+    p.add_argument("--queries-per-ref", type=int, default=1, help="edited copies per matched reference (default 1)")
+    p.add_argument("--positive-share", type=float, default=DemoConfig.positive_share,
+                   help=f"share of references that get edited copies (default {DemoConfig.positive_share})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="replace an existing benchmark")
     a = p.parse_args(argv)
     from rdcd.benchmark import load_benchmark
-    from rdcd.validate.demo import DemoConfig, build_demo
+    from rdcd.errors import RdcdError
 
-    out = build_demo(a.out, DemoConfig(source=a.source, holdout=a.holdout, queries_per_ref=a.queries_per_ref,
-                                       seed=a.seed), force=a.force)
+    sources = a.source or ["skimage"]
+    holdouts = a.holdout or [0]
+    if len(holdouts) == 1:
+        holdouts = holdouts * len(sources)
+    if len(holdouts) != len(sources):
+        raise RdcdError(f"give one --holdout for all sources or one per --source ({len(sources)}), not {len(holdouts)}")
+    if "skimage" in sources[1:]:
+        raise RdcdError("'skimage' can only be the first --source")
+    if any(h < 0 for h in holdouts):
+        raise RdcdError("--holdout must be >= 0")
+    if a.queries_per_ref < 1 or not (0 < a.positive_share <= 1):
+        raise RdcdError("--queries-per-ref must be >= 1 and --positive-share in (0, 1]")
+    out = build_demo(a.out, DemoConfig(source=sources[0], holdout=holdouts[0],
+                                       extra=tuple(zip(sources[1:], holdouts[1:])), queries_per_ref=a.queries_per_ref,
+                                       positive_share=a.positive_share, seed=a.seed), force=a.force)
     print(json.dumps({"benchmark": str(out), **load_benchmark(out).summary()}, indent=2))
     return 0
 
@@ -117,6 +138,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return _build_demo(rest)
     if cmd == "eval":
         return _eval(rest)
+    if cmd == "sweep":
+        from rdcd.validate.sweep import sweep_main
+
+        return sweep_main(rest)
     if cmd == "merge":
         from rdcd.validate.gate import merge_main
 

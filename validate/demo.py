@@ -22,7 +22,7 @@ from PIL import Image
 
 from rdcd.edits import random_edit_chain
 from rdcd.errors import ImageReadError, RdcdError
-from rdcd.fsutil import atomic_path, write_text
+from rdcd.fsutil import atomic_path, write_json, write_text
 from rdcd.imageio import list_images, read_rgb
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ SKIMAGE_PHOTOS = ("astronaut.png", "camera.png", "chelsea.png", "coffee.png", "c
 class DemoConfig:
     source: str = "skimage"  # "skimage" or a folder of images
     holdout: int = 0  # with a folder: use this many held-out images (0 = all)
+    extra: tuple[tuple[str, int], ...] = ()  # more (folder, holdout) sources, mixed into the same roles
     reference_share: float = 0.5
     positive_share: float = 0.6  # share of references that get edited copies
     negative_share: float = 0.2
@@ -91,15 +92,43 @@ def _folder_images(folder: str, holdout: int) -> list[tuple[str, Image.Image]]:
     return out
 
 
+CONFIG = "demo_config.json"
+
+
+def recorded_config(bench: str | os.PathLike) -> dict | None:
+    """The :class:`DemoConfig` a benchmark was built with (``None`` for older or foreign benchmarks)."""
+    import json
+
+    try:
+        return json.loads((Path(bench) / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _config_dict(config: DemoConfig) -> dict:
+    import json
+
+    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as they read back
+
+
 def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), force: bool = False) -> Path:
-    """Write a benchmark to ``out_dir`` (atomically: a half-built benchmark never appears)."""
+    """Write a benchmark to ``out_dir`` (atomically: a half-built benchmark never appears).
+
+    An existing benchmark is reused when it was built with the same ``config``; one built with other
+    settings is an error unless ``force`` (then it is replaced)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         if (out_dir / "ground_truth.csv").exists():
+            recorded = recorded_config(out_dir)
+            if recorded is not None and recorded != _config_dict(config):
+                raise RdcdError(f"{out_dir} was built with other settings ({out_dir / CONFIG}): delete it or "
+                                "use --force to rebuild it")
             log.info("benchmark already at %s", out_dir)
             return out_dir
         raise RdcdError(f"{out_dir} exists and is not a benchmark (use --force to replace it)")
     images = _skimage_images(config.tile) if config.source == "skimage" else _folder_images(config.source, config.holdout)
+    for folder, count in config.extra:
+        images += _folder_images(folder, count)
     if len(images) < 8:
         raise RdcdError(f"need at least 8 readable source images, found {len(images)} in {config.source}")
     rng = random.Random(config.seed)
@@ -136,6 +165,7 @@ def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), fo
             src.append(f"{'query' if ref_k is not None else 'negative'},{qid},{_csv(images[i][0])},{'+'.join(names)}")
         write_text(tmp / "ground_truth.csv", "\n".join(gt) + "\n")
         write_text(tmp / "sources.csv", "\n".join(src) + "\n")
+        write_json(tmp / CONFIG, _config_dict(config))
     log.info("benchmark written to %s: %d references, %d queries (%d negative), %d training",
              out_dir, len(refs), qn, len(negs), len(train))
     return out_dir

@@ -167,6 +167,7 @@ class Evaluator:
         self.bench = bench
         self.cfg = cfg
         self.cache: dict[tuple[str, str], dict] = {}
+        self.predictions: dict[tuple[str, str], object] = {}  # for the paired bootstrap of Δ µAP
         self._sample = None
 
     def sample(self, spec) -> np.ndarray:
@@ -185,7 +186,7 @@ class Evaluator:
         runner = load_runner(path, runtime=runtime, threads=cfg.threads)
         key = (content_key(path), runner.name)
         if key in self.cache:
-            return {**self.cache[key], "cached": True}, runner.describe()
+            return {**self.cache[key], "cached": True, "predictions": self.predictions[key]}, runner.describe()
         spec = _spec_for(manifest, art)
         t0 = time.perf_counter()
         desc = describe(self.bench, runner, spec, cfg.batch_size, with_training=cfg.whiten or bool(cfg.score_norm),
@@ -201,7 +202,8 @@ class Evaluator:
                            "throughput_ips": lat["throughput_ips"],
                            **({"gpu_compute_p50_ms": lat["gpu_compute_ms"]["p50"]} if lat["gpu_compute_ms"] else {})}}
         self.cache[key] = out
-        return out, runner.describe()
+        self.predictions[key] = res.predictions
+        return {**out, "predictions": res.predictions}, runner.describe()
 
 
 def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | None, str | None]:
@@ -226,7 +228,8 @@ def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | No
         return None, "the recorded simulated accuracy has no micro_ap"
     return {"micro_ap": float(q), "reference_micro_ap": float(ref) if isinstance(ref, (int, float)) else None,
             "recall_at_p90": acc.get("recall_at_p90"), "acc_at_1": acc.get("acc_at_1"),
-            "runtime": acc.get("runtime") or SIMULATED}, None
+            "runtime": acc.get("runtime") or SIMULATED,
+            "drop_ci95": acc.get("drop_ci95") if isinstance(acc.get("drop_ci95"), list) else None}, None
 
 
 def _default_reference(manifest: Manifest, art: dict) -> str | None:
@@ -263,7 +266,9 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
     gt_sha = sha256(bench.gt_path)
     ev = Evaluator(bench, cfg)
     rows = []
+    predictions: dict[str, object] = {}
     for art in manifest.artifacts:
+        art, engine_note = _engine_row(art)
         path = manifest.resolve(art)
         row = {"name": art["name"], "target": art["target"], "precision": art["precision"], "path": art["path"],
                "runtime": art.get("runtime") or "auto", "runtime_version": None, "status": None, "reason": None,
@@ -272,6 +277,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                "drop": None, "gated": art["precision"] in INT8_CLASS, "size_bytes": None, "sha256": None,
                "latency": None, "curve": None, "notes": [], "devices": {}}
         rows.append(row)
+        row["notes"] += [engine_note] if engine_note else []
         if path.exists():
             row["size_bytes"] = sum(size_bytes(f) for f in artifact_files(path))
             row["sha256"] = sha256(path)
@@ -285,7 +291,8 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                 row.update(status=NOT_CHECKED, reason=art.get("reason") or f"{art['path']} was not built here")
                 _simulated(row, art, bench, gt_sha)
             else:
-                row.update(status=FAILED, reason=f"file not found: {art['path']}")
+                what = "TensorRT engine" if art.get("runtime") == "tensorrt" else "file"
+                row.update(status=FAILED, reason=f"{what} not found: {art['path']} (the manifest says {art['status']})")
             continue
         runtime = art.get("runtime") if art.get("runtime") in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
         t0 = time.perf_counter()
@@ -305,6 +312,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                 raise
             row.update(status=FAILED, reason=f"{type(exc).__name__}: {_first_line(exc)}")
             continue
+        predictions[art["name"]] = meas["predictions"]
         row.update(status=OK, runtime=desc.get("runtime", runtime), runtime_version=desc.get("version"),
                    micro_ap=meas["micro_ap"], recall_at_p90=meas["recall_at_p90"], acc_at_1=meas["acc_at_1"],
                    setting=meas["setting"], curve=meas["curve"], latency=meas["latency"],
@@ -315,6 +323,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
     by_name = {r["name"]: r for r in rows}
     for row in rows:
         _delta(row, by_name, cfg)
+        _interval(row, predictions, bench, cfg)
     # a not-checkable row whose file was evaluated under another runtime (the QDQ model behind a TensorRT row)
     for row in rows:
         if row["status"] == NOT_CHECKED and row["sha256"] and not row["simulated"]:
@@ -338,6 +347,18 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
             "int8_artifacts": len(gated), "int8_checked": sum(r["status"] == OK for r in gated)}
 
 
+def _engine_row(art: dict) -> tuple[dict, str | None]:
+    """A TensorRT row as the gate runs it: its engine, never an ONNX file. Manifests from before rdcd-quantize
+    built engines name the engine's QDQ source in ``path`` (and the engine in ``engine_path``)."""
+    if not (art["target"] == "tensorrt" or art.get("runtime") == "tensorrt") or not art["path"].endswith(".onnx"):
+        return art, None
+    engine = art.get("engine_path") or ""
+    engine = engine if engine and not engine.endswith(".onnx") else art["path"][: -len(".onnx")] + ".engine"
+    kept = {k: v for k, v in art.items() if k not in ("sha256", "size_bytes")}
+    return {**kept, "path": engine, "runtime": "tensorrt", "qdq_source": art["path"]}, (
+        f"{art['path']} is the engine's QDQ source (a manifest from before rdcd-quantize built engines): the engine is {engine}")
+
+
 def _progress(msg: str) -> None:
     """One line per artifact on stderr, so that long CI runs show where they are."""
     import sys
@@ -351,7 +372,8 @@ def _simulated(row: dict, art: dict, bench, gt_sha: str) -> None:
         row["notes"].append(why)
     if sim:
         row.update(simulated=True, micro_ap=sim["micro_ap"], recall_at_p90=sim["recall_at_p90"],
-                   acc_at_1=sim["acc_at_1"], runtime=sim["runtime"], simulated_reference_micro_ap=sim["reference_micro_ap"])
+                   acc_at_1=sim["acc_at_1"], runtime=sim["runtime"], simulated_reference_micro_ap=sim["reference_micro_ap"],
+                   simulated_drop_ci95=sim["drop_ci95"])
         how = sim["runtime"] if sim["runtime"] != SIMULATED else "in PyTorch"
         row["notes"].append(f"µAP simulated by rdcd-quantize on this benchmark ({how}); the runtime itself was not run")
 
@@ -385,6 +407,28 @@ def _delta(row: dict, by_name: dict, cfg) -> None:
         unit = "" if cfg.drop_type == "absolute" else " (relative)"
         row.update(status=FAILED, reason=f"{what} {row['drop']:.4f}{unit} > max {cfg.max_drop:g} "
                                          f"({row['micro_ap']:.4f} vs {ref_map:.4f})")
+
+
+def _interval(row: dict, predictions: dict, bench, cfg) -> None:
+    """The paired bootstrap 95 % interval of a gated row's drop (recorded by rdcd-quantize for simulated rows);
+    a note when the benchmark cannot resolve the budget (the verdict stays on the point estimate)."""
+    if not row["gated"] or row["drop"] is None:
+        return
+    ci = None
+    if row["name"] in predictions and row["reference"] in predictions and cfg.drop_type == "absolute":
+        from rdcd.validate.bootstrap import paired_drop_interval
+
+        iv = paired_drop_interval(predictions[row["reference"]], predictions[row["name"]], bench.gt_pairs,
+                                  bench.queries.ids)
+        ci = [round(iv.low, 6), round(iv.high, 6)]
+    elif row["simulated"] and isinstance(row.get("simulated_drop_ci95"), list) and cfg.drop_type == "absolute":
+        ci = row["simulated_drop_ci95"]
+    if ci is None:
+        return
+    row["drop_ci95"] = ci
+    if ci[1] - ci[0] > cfg.max_drop:
+        row["notes"].append(f"the 95 % interval of the drop [{ci[0]:+.4f}, {ci[1]:+.4f}] is wider than the budget "
+                            f"{cfg.max_drop:g}: this benchmark cannot resolve it (the gate uses the point estimate)")
 
 
 # -------------------------------------------------------------------------------------------- mains

@@ -144,6 +144,9 @@ def _delta(row: dict, drop_type: str) -> str:
     s = f"{d:+.4f}"
     if drop_type == "relative" and row.get("reference_micro_ap"):
         s += f" ({d / row['reference_micro_ap']:+.1%})"
+    ci = row.get("drop_ci95")
+    if ci:  # the interval of the drop, shown as an interval of Δ = -drop
+        s += f" [{-ci[1]:+.4f}, {-ci[0]:+.4f}]"
     return s
 
 
@@ -160,7 +163,7 @@ def _runtime(row: dict) -> str:
 def table(report: dict) -> tuple[list[str], list[list[str]]]:
     drop_type = report["settings"]["drop_type"]
     labels = [d["label"] for d in report.get("devices", [])]
-    head = ["", "artifact", "target", "precision", "runtime", "µAP", "R@P90", "Δ µAP", "size",
+    head = ["", "artifact", "target", "precision", "runtime", "µAP", "R@P90", "Δ µAP [95% CI]", "size",
             "p50 ms", "p90 ms", "p99 ms", "img/s"] + [f"p50 ms · {lb}" for lb in labels]
     body = []
     for r in report["artifacts"]:
