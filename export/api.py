@@ -432,6 +432,7 @@ class Exporter:
             if not self.onnx_ok:
                 raise RdcdError("needs the ONNX export, which failed")
             tdir.mkdir(parents=True, exist_ok=True)
+            (tdir / T.ENGINES["fp16"]).unlink(missing_ok=True)  # an engine of an earlier model must never be run
             T.link_or_copy(self.out / ONNX_NAME, tdir / T.ONNX)
             T.write_fp16_onnx(tdir / T.ONNX, tdir / T.ONNX_FP16)
             fp16_onnx = self.run_parity(OnnxRuntimeRunner(tdir / T.ONNX_FP16, threads=self.opts.threads), "fp16 ONNX")

@@ -281,6 +281,17 @@ class _Context:
             self.predictions[key] = res.predictions
         return float(res.metrics.micro_ap)
 
+    def unit_norm(self, embedder, label: str) -> dict:
+        """The L2-norm contract on calibration images: an error when the tail is kept float (a quantizer
+        there is a bug), a warning with ``--quantize-tail`` (the user asked for a quantized tail)."""
+        try:
+            return check_unit_norm(embedder, self.calib.images, label)
+        except RdcdError as exc:
+            if self.quantizer is not None and self.quantizer.keep_tail_float:
+                raise
+            log.warning("%s (--quantize-tail)", exc)
+            return {"error": str(exc)}
+
     def interval(self, reference_key, key) -> dict:
         """``drop_ci95`` for an accuracy block: the paired bootstrap 95 % interval of the drop over queries."""
         from rdcd.validate.bootstrap import paired_drop_interval
@@ -364,6 +375,7 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
 
     res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads), key=p), ranking, ctx.fp32_uap or 0.0,
                         ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="onnx-int8")
+    unit_norm = ctx.unit_norm(OrtEmbedder(res.chosen.path, ctx.threads), "onnx-int8")  # before replacing the file
     out = ctx.manifest.dir / "model.int8.onnx"
     with atomic_path(out) as tmp:
         shutil.copyfile(res.chosen.path, tmp)
@@ -373,7 +385,7 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
                                          {**recipe.to_dict(), "format": "QDQ", "candidates": candidates,
                                           "float_nodes": q.float_nodes})
     art["qdq"] = check_qdq(out)
-    art["checks"] = {"unit_norm": check_unit_norm(OrtEmbedder(out, ctx.threads), ctx.calib.images, "onnx-int8")}
+    art["checks"] = {"unit_norm": unit_norm}
     if ctx.bench is not None:
         art["accuracy"] = accuracy_block(ctx.bench, ctx.fp32_uap, res.chosen.micro_ap, "onnxruntime", False,
                                          threads=ctx.threads, **ctx.interval("onnx-fp32", res.chosen.path))
@@ -418,8 +430,8 @@ def _tensorrt_target(ctx: _Context, method: str):
                                          {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,
                                           "calibration_cache": None})
     art.update(qdq_source=f"{T.DIRNAME}/{T.ONNX_INT8}", qdq_sha256=sha256(qdq), qdq=check_qdq(qdq), command=cmd,
-               checks={"unit_norm": check_unit_norm(OrtEmbedder(qdq, ctx.threads, reference=True), ctx.calib.images,
-                                                    "tensorrt-int8 (QDQ reference)")},
+               checks={"unit_norm": ctx.unit_norm(OrtEmbedder(qdq, ctx.threads, reference=True),
+                                                  "tensorrt-int8 (QDQ reference)")},
                engine_built=False)
     trt_ref = _fp_artifact(ctx.manifest, "tensorrt", ("fp32", "fp16"))
     if trt_ref is not None:
@@ -477,6 +489,7 @@ def _openvino_target(ctx: _Context, fp32_onnx: Path):
     res = fallback_loop(build, lambda p: ctx.uap(OpenVINORunner(p, threads=ctx.threads), key=p), ranking,
                         fp32_uap or 0.0, ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="openvino-int8")
     out_dir = ctx.manifest.dir / "openvino-int8"
+    unit_norm = ctx.unit_norm(OpenVINORunner(res.chosen.path, threads=ctx.threads), "openvino-int8")
     with atomic_path(out_dir, suffix="") as tmp:
         shutil.copytree(res.chosen.path.parent, tmp)
     rel = "openvino-int8/model.xml"
@@ -488,8 +501,7 @@ def _openvino_target(ctx: _Context, fp32_onnx: Path):
                                                                       if source.is_relative_to(ctx.manifest.dir) else str(source),
                                                                       "ignored_onnx_nodes": q.float_nodes})
     art["fake_quantize_ops"] = count_fake_quantize(ctx.manifest.dir / rel)
-    art["checks"] = {"unit_norm": check_unit_norm(OpenVINORunner(ctx.manifest.dir / rel, threads=ctx.threads),
-                                                  ctx.calib.images, "openvino-int8")}
+    art["checks"] = {"unit_norm": unit_norm}
     from rdcd.fsutil import size_bytes
 
     art["size_bytes"] = size_bytes(out_dir)  # model.xml + model.bin
@@ -508,8 +520,8 @@ def _default_recipe():
 
 
 def _coreml_targets(ctx: _Context, student, checkpoint: Path):
-    from rdcd.quantize.coreml_ptq import (W8A8, SimEmbedder, coreml_available, make_static, mlpackage_facts,
-                                          w8_from_mlmodel, w8_from_torch, w8_simulation)
+    from rdcd.quantize.coreml_ptq import (ACTIVATION_SCHEME, W8A8, SimEmbedder, coreml_available, make_static,
+                                          mlpackage_facts, w8_from_mlmodel, w8_from_torch, w8_simulation)
     from rdcd.quantize.sensitivity import fallback_loop
 
     size = ctx.spec.size
@@ -529,11 +541,11 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
         steps_seen.append(i)
         return ctx.uap(sims[i].embedder(), key=("w8a8", i))
 
-    res = fallback_loop(build, measure_w8a8, ranking, fp32_uap or 0.0, ctx.max_drop, ctx.max_steps,
+    res = fallback_loop(build, measure_w8a8, ranking, fp32_uap or 0.0, ctx.max_drop, ctx.max_steps, probe=2,
                         enabled=ctx.fallback, label="coreml-w8a8")
-    chosen_i = res.steps.index(res.chosen)
+    chosen_i = res.chosen.call
     sim = sims[chosen_i]
-    unit_norm = check_unit_norm(sim.embedder(), ctx.calib.images, "coreml-w8a8 (simulated)")
+    unit_norm = ctx.unit_norm(sim.embedder(), "coreml-w8a8 (simulated)")
     meta = {"rdcd.precision": "w8a8", "rdcd.input_size": str(size), "rdcd.dim": str(student.config.dim),
             "rdcd.preprocess": ctx.spec.to_dict()}
     pkg = ctx.manifest.dir / "model.w8a8.mlpackage"
@@ -548,7 +560,7 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
     arts = []
     w8a8 = ctx.base("coreml-w8a8", "coreml", "w8a8", pkg.name, "coreml", ref_name, status, reason)
     w8a8["produced_by"] = ctx.produced_by("coremltools.optimize.torch LinearQuantizer -> ct.convert (iOS17 mlprogram)",
-                                          {"scheme": "symmetric", "observer": "min_max", "weights": "int8 per channel",
+                                          {"scheme": ACTIVATION_SCHEME, "observer": "min_max", "weights": "int8 per channel",
                                            "activations": "8-bit", "minimum_deployment_target": "iOS17",
                                            "checkpoint": str(checkpoint)})
     w8a8["mlpackage"] = mlpackage_facts(pkg)
@@ -557,10 +569,10 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
     if ctx.bench is not None:
         uap, runtime, simulated = res.chosen.micro_ap, "simulated in PyTorch (coremltools.optimize.torch)", True
         if on_mac:
-            uap, runtime, simulated = _real_coreml_uap(ctx, pkg), "coreml", False
+            uap, runtime, simulated = _real_coreml_uap(ctx, pkg, "coreml-w8a8"), "coreml", False
         w8a8["accuracy"] = accuracy_block(ctx.bench, fp32_uap, uap, runtime, simulated,
                                           fp32_runtime="pytorch", simulated_micro_ap=round(res.chosen.micro_ap, 6),
-                                          **ctx.interval("pytorch-fp32", ("w8a8", chosen_i)))
+                                          **ctx.interval("pytorch-fp32", "coreml-w8a8" if on_mac else ("w8a8", chosen_i)))
     if res.chosen.excluded:
         w8a8["fallback_layers"] = list(res.chosen.excluded)
     arts.append(w8a8)
@@ -587,18 +599,19 @@ def _coreml_targets(ctx: _Context, student, checkpoint: Path):
     if ctx.bench is not None:
         uap, runtime, simulated = w8_uap, "simulated in PyTorch (coremltools.optimize.torch PostTrainingQuantizer)", True
         if on_mac:
-            uap, runtime, simulated = _real_coreml_uap(ctx, pkg8), "coreml", False
+            uap, runtime, simulated = _real_coreml_uap(ctx, pkg8, "coreml-w8"), "coreml", False
         w8["accuracy"] = accuracy_block(ctx.bench, fp32_uap, uap, runtime, simulated, fp32_runtime="pytorch",
-                                        simulated_micro_ap=round(w8_uap, 6), **ctx.interval("pytorch-fp32", "w8"))
+                                        simulated_micro_ap=round(w8_uap, 6),
+                                        **ctx.interval("pytorch-fp32", "coreml-w8" if on_mac else "w8"))
     arts.append(w8)
     return arts, {"fp32_micro_ap_pytorch": fp32_uap, "w8a8_fallback": res.report(), "w8_micro_ap": w8_uap}
 
 
-def _real_coreml_uap(ctx: _Context, pkg: Path) -> float:
+def _real_coreml_uap(ctx: _Context, pkg: Path, key: str) -> float:
     from rdcd.validate.runtimes import CoreMLRunner
 
     try:
-        return ctx.uap(CoreMLRunner(pkg))
+        return ctx.uap(CoreMLRunner(pkg), key=key)
     except RuntimeUnavailable as exc:  # pragma: no cover - macOS only
         raise RdcdError(str(exc)) from None
 

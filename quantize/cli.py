@@ -106,7 +106,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
     from rdcd.quantize.api import quantize_export
 
     library_log = library_log_path()  # rdcd-demo routes every stage's library logs to one file
-    if not a.verbose and (a.library_log or library_log is None):
+    if not a.verbose and (a.library_log or (library_log is None and Path(a.exports).is_dir())):
         # NNCF / ONNX Runtime / Core ML Tools logs in a file; rdcd's own warnings stay on the console
         library_log = keep_library_logs(a.library_log or Path(a.exports) / LIBRARY_LOG)
 

@@ -37,7 +37,7 @@ def _imports():
 
 def ov_names(model, onnx_nodes: Iterable[str]) -> list[str]:
     """OpenVINO op names that stem from the given ONNX node names, plus everything downstream of a named
-    op that follows the last MatMul (the float tail).
+    op that follows the last MatMul / convolution (the float tail).
 
     The converter does not keep every ONNX name: ``Div(x, Expand(Clip(ReduceL2(x))))``, the L2
     normalisation, becomes one ``Divide_<n>`` once the Expand is folded. Matched by name alone, that
@@ -46,7 +46,8 @@ def ov_names(model, onnx_nodes: Iterable[str]) -> list[str]:
     stopped being comparable across queries; no fallback step could undo it, as the op had no ONNX name."""
     wanted = set(onnx_nodes)
     ops = model.get_ordered_ops()
-    last_matmul = max((i for i, op in enumerate(ops) if op.get_type_name() == "MatMul"), default=len(ops))
+    weighted = ("MatMul", "Convolution", "GroupConvolution")  # the tail starts after the last op with weights
+    last_weighted = max((i for i, op in enumerate(ops) if op.get_type_name() in weighted), default=-1)
     out, tail = [], set()
     for i, op in enumerate(ops):
         name = op.get_friendly_name()
@@ -54,7 +55,7 @@ def ov_names(model, onnx_nodes: Iterable[str]) -> list[str]:
         fed_by_tail = any(inp.get_source_output().get_node().get_friendly_name() in tail for inp in op.inputs())
         if named or (fed_by_tail and op.get_type_name() not in ("Result", "Constant")):
             out.append(name)
-            if i > last_matmul:
+            if i > last_weighted:
                 tail.add(name)
     return out
 

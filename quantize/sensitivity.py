@@ -8,7 +8,9 @@ their dequantized INT8 values (ONNX Runtime's ``qdq_loss_debug`` tools collect b
 
 Fallback: while the µAP drop exceeds ``max_drop``, keep the next worst layers in float (1, 2, 4, 8, ...
 layers, so that even a model broken everywhere is recovered in a handful of re-quantizations), re-quantize and
-re-measure µAP; the first step that holds wins, or the best step when none does. No torch here.
+re-measure µAP; the first step that holds wins, or the best step when none does. Before that schedule the few
+worst layers by SQNR are each measured alone in float, and those that raise µAP go first: the order is by
+measured µAP effect, SQNR only picks the candidates. No torch here.
 """
 
 from __future__ import annotations
@@ -134,6 +136,7 @@ class Step:
     micro_ap: float
     drop: float
     path: Path | None = None
+    call: int = 0  # the index ``build`` was called with
 
     def row(self) -> dict:
         return {"float_layers": len(self.excluded), "excluded": list(self.excluded),
@@ -145,6 +148,7 @@ class FallbackResult:
     steps: list[Step]
     chosen: Step
     max_drop: float
+    probes: list[Step] = dataclasses.field(default_factory=list)
 
     @property
     def holds(self) -> bool:
@@ -152,7 +156,9 @@ class FallbackResult:
 
     def report(self) -> dict:
         return {"max_drop": self.max_drop, "holds": self.holds, "fallback_layers": list(self.chosen.excluded),
-                "steps": [s.row() for s in self.steps]}
+                "steps": [s.row() for s in self.steps],
+                "probes": [{"layer": p.excluded[0], "micro_ap": round(p.micro_ap, 6), "drop": round(p.drop, 6)}
+                           for p in self.probes]}
 
 
 def exclusion_schedule(n_layers: int, max_steps: int) -> list[int]:
@@ -166,18 +172,32 @@ def exclusion_schedule(n_layers: int, max_steps: int) -> list[int]:
     return ks
 
 
+PROBE = 4  # layers measured one at a time before the fallback schedule
+
+
 def fallback_loop(build: Callable[[Sequence[str], int], Path | None], measure: Callable[[Path | None], float],
                   ranking: Sequence[str], fp32_uap: float, max_drop: float, max_steps: int = 8,
-                  enabled: bool = True, label: str = "") -> FallbackResult:
-    """``build(excluded_layers, step)`` writes a quantized variant and returns it; ``measure`` gives its µAP."""
+                  enabled: bool = True, label: str = "", probe: int = PROBE) -> FallbackResult:
+    """``build(excluded_layers, call)`` writes a quantized variant and returns it; ``measure`` gives its µAP.
+
+    When the fully quantized model misses the budget, the ``probe`` worst layers by SQNR are first each kept in
+    float alone and measured: the ranking then starts with the layers whose float copy measurably raised µAP
+    (largest gain first), so a layer that SQNR underrates but µAP needs is found in the first steps."""
     steps: list[Step] = []
+    probes: list[Step] = []
+    calls = [0]
+
+    def variant(excluded: list[str]) -> Step:
+        path = build(excluded, calls[0])
+        uap = float(measure(path))
+        calls[0] += 1
+        return Step(list(excluded), uap, float(fp32_uap) - uap, path, calls[0] - 1)
 
     def run(excluded: list[str]) -> Step:
-        path = build(excluded, len(steps))
-        uap = float(measure(path))
-        step = Step(list(excluded), uap, float(fp32_uap) - uap, path)
+        probed = next((p for p in probes if p.excluded == list(excluded)), None)
+        step = probed or variant(excluded)  # a probe already measured this exact variant
         steps.append(step)
-        log.info("%s: %d layer(s) in float -> µAP %.4f (drop %+.4f)", label or "fallback", len(excluded), uap,
+        log.info("%s: %d layer(s) in float -> µAP %.4f (drop %+.4f)", label or "fallback", len(excluded), step.micro_ap,
                  step.drop)
         return step
 
@@ -185,13 +205,23 @@ def fallback_loop(build: Callable[[Sequence[str], int], Path | None], measure: C
     if enabled and step.drop > max_drop:
         if not ranking:
             log.warning("%s: drop %.4f > %.4f but no layer ranking to fall back on", label, step.drop, max_drop)
+        for layer in list(ranking[:probe]):
+            probes.append(variant([layer]))
+            log.info("%s: probe %s alone in float -> µAP %.4f (drop %+.4f)", label or "fallback", layer,
+                     probes[-1].micro_ap, probes[-1].drop)
+            if probes[-1].drop <= max_drop:  # one layer is enough: it is the first step
+                steps.append(probes[-1])
+                return FallbackResult(steps, probes[-1], max_drop, probes)
+        helped = sorted((p for p in probes if p.drop < step.drop), key=lambda p: p.drop)
+        first = [p.excluded[0] for p in helped]
+        ranking = first + [r for r in ranking if r not in first]
         for k in exclusion_schedule(len(ranking), max_steps):
             step = run(list(ranking[:k]))
             if step.drop <= max_drop:
                 break
     holding = [s for s in steps if s.drop <= max_drop]
     chosen = holding[0] if holding else min(steps, key=lambda s: s.drop)
-    return FallbackResult(steps, chosen, max_drop)
+    return FallbackResult(steps, chosen, max_drop, probes)
 
 
 def check_ranking(ranking: Sequence[str], known: Sequence[str]) -> list[str]:

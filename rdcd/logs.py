@@ -22,14 +22,14 @@ _state: dict[str, Path | None] = {"path": None}
 
 
 def keep_library_logs(path: str | os.PathLike | None) -> Path | None:
-    """Route library logging to ``path`` (``None``: leave logging as it is). Returns the file's path."""
+    """Route library logging to ``path`` (``None``: leave logging as it is; its folder must exist). Returns
+    the file's path."""
     if path is None:
         return None
     from rdcd.errors import RdcdError
 
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a", encoding="utf-8"):
             pass
     except OSError as exc:
@@ -43,6 +43,8 @@ def keep_library_logs(path: str | os.PathLike | None) -> Path | None:
         lg = logging.getLogger(name)
         for h in list(lg.handlers):
             lg.removeHandler(h)
+            if isinstance(h, logging.FileHandler) and h is not handler:
+                h.close()
         lg.addHandler(handler)
         lg.propagate = False  # levels stay the libraries' own (raising torch's to INFO makes dynamo chatty)
     logging.captureWarnings(True)

@@ -61,6 +61,17 @@ def _distill_summary(run_dir: Path, baselines: list[dict] | None) -> dict | None
     return out
 
 
+BENCH_DIGEST = "demo-benchmark-sources.sha256"  # in the run folder: the benchmark its training left out
+
+
+def _sources_digest(bench_dir: Path) -> str:
+    import hashlib
+
+    from rdcd.validate.demo import used_sources
+
+    return hashlib.sha256("\n".join(sorted(used_sources(bench_dir))).encode()).hexdigest()
+
+
 def _stage(name: str, prog: str, entry: Callable[[Sequence[str]], int], argv: list[str], timings: dict) -> int:
     print(f"\n=== {name}: {prog} {shlex.join(argv)}", flush=True)
     t0 = time.time()
@@ -125,8 +136,10 @@ def _main(argv: Sequence[str] | None) -> int:
     unknown = set(stages) - {"bench", "baselines", "distill", "export", "quantize", "validate"}
     if unknown:
         raise RdcdError(f"unknown stage(s) {', '.join(sorted(unknown))}")
+    if a.queries_per_ref < 1 or a.holdout < 8 or a.photo_holdout < 0:
+        raise RdcdError("--queries-per-ref must be >= 1, --holdout >= 8 and --photo-holdout >= 0")
     from rdcd.benchmark import load_benchmark
-    from rdcd.fsutil import write_json
+    from rdcd.fsutil import write_json, write_text
     from rdcd.validate.demo import DemoConfig, build_demo
 
     out = Path(a.out)
@@ -182,11 +195,18 @@ def _main(argv: Sequence[str] | None) -> int:
             argv_ += ["--exclude-benchmark", str(bench_dir)]
             if Path(a.photos_dir).is_dir():
                 argv_ += ["--train-dir", str(a.photos_dir), "--max-images", str(a.max_images)]
+        trained_for = _sources_digest(bench_dir)
+        if (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.pt").exists():
+            recorded = (run_dir / BENCH_DIGEST).read_text().strip() if (run_dir / BENCH_DIGEST).exists() else None
+            if recorded != trained_for:  # its training set may hold this benchmark's images
+                raise RdcdError(f"{run_dir} was trained for another benchmark: delete it to train again")
         if (run_dir / "model.safetensors").exists():
             print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
         else:
             if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
                 argv_.append("--resume")
+            else:
+                write_text(run_dir / BENCH_DIGEST, trained_for + "\n")
             code = _stage("distill", "rdcd-distill", distill, argv_, timings)
         summary["distill"] = _distill_summary(run_dir, summary.get("baselines"))
     if "export" in stages and code == 0:

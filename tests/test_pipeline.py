@@ -32,3 +32,17 @@ def test_bench_stage_without_pool_falls_back_to_scikit_image(tmp_path):
     before = (bench / "ground_truth.csv").stat().st_mtime_ns
     assert _demo("--out", str(out), "--train-dir", str(tmp_path / "no-pool"), "--stages", "bench").returncode == 0
     assert (bench / "ground_truth.csv").stat().st_mtime_ns == before
+
+
+def test_a_run_trained_for_another_benchmark_is_not_reused(tmp_path):
+    """A finished run whose training may have seen this benchmark's images (no record of the benchmark it
+    left out, or another one) is refused in one line instead of being exported and gated."""
+    out = tmp_path / "demo"
+    assert _demo("--out", str(out), "--train-dir", str(tmp_path / "no-pool"), "--stages", "bench").returncode == 0
+    run = out / "run"
+    run.mkdir()
+    (run / "model.safetensors").write_bytes(b"not used")
+    r = _demo("--out", str(out), "--train-dir", str(tmp_path / "no-pool"), "--stages", "bench,distill")
+    assert r.returncode == 2 and "trained for another benchmark" in r.stderr and "Traceback" not in r.stderr
+    r = _demo("--out", str(out), "--queries-per-ref", "0", "--stages", "bench")
+    assert r.returncode == 2 and "--queries-per-ref" in r.stderr

@@ -72,7 +72,11 @@ def paired_drop_interval(reference: Predictions, candidate: Predictions, gt_pair
 
     ``query_ids``: every query of the benchmark (queries without predictions and negative queries are
     drawn too: they carry true pairs that were missed, or nothing)."""
+    from rdcd.errors import RdcdError
+
     gt = set(gt_pairs)
+    if not gt or resamples < 1:
+        raise RdcdError("a bootstrap interval needs true pairs and at least one resample")
     qindex = {q: i for i, q in enumerate(dict.fromkeys(query_ids))}
     for q, _ in gt:
         qindex.setdefault(q, len(qindex))
@@ -86,10 +90,16 @@ def paired_drop_interval(reference: Predictions, candidate: Predictions, gt_pair
     point = a.micro_ap(ones, len(gt)) - b.micro_ap(ones, len(gt))
     rng = np.random.default_rng(seed)
     n_real = len(dict.fromkeys(query_ids)) or nq
+    if not np.any(gt_q < n_real):
+        raise RdcdError("no true pair belongs to the queries being resampled")
     drops = np.empty(resamples)
-    for i in range(resamples):
+    i = 0
+    while i < resamples:
         counts = np.bincount(rng.integers(0, n_real, n_real), minlength=nq)
         pos = int(counts[gt_q].sum())
+        if pos == 0:  # a resample without true pairs has no µAP: draw again
+            continue
         drops[i] = a.micro_ap(counts, pos) - b.micro_ap(counts, pos)
+        i += 1
     lo, hi = np.quantile(drops, [(1 - level) / 2, (1 + level) / 2])
     return DropInterval(float(point), float(lo), float(hi), resamples, level)

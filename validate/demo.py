@@ -108,7 +108,11 @@ def recorded_config(bench: str | os.PathLike) -> dict | None:
 def _config_dict(config: DemoConfig) -> dict:
     import json
 
-    return json.loads(json.dumps(dataclasses.asdict(config)))  # tuples as lists, as they read back
+    d = dataclasses.asdict(config)
+    if config.source != "skimage":  # the same folder however it was named
+        d["source"] = str(Path(config.source).resolve())
+    d["extra"] = [[str(Path(f).resolve()), n] for f, n in config.extra]
+    return json.loads(json.dumps(d))  # tuples as lists, as they read back
 
 
 def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), force: bool = False) -> Path:
@@ -120,9 +124,9 @@ def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), fo
     if out_dir.exists() and not force:
         if (out_dir / "ground_truth.csv").exists():
             recorded = recorded_config(out_dir)
-            if recorded is not None and recorded != _config_dict(config):
-                raise RdcdError(f"{out_dir} was built with other settings ({out_dir / CONFIG}): delete it or "
-                                "use --force to rebuild it")
+            if recorded != _config_dict(config):
+                why = "with other settings" if recorded is not None else f"by an older rdcd (no {CONFIG})"
+                raise RdcdError(f"{out_dir} was built {why}: delete it or use --force to rebuild it")
             log.info("benchmark already at %s", out_dir)
             return out_dir
         raise RdcdError(f"{out_dir} exists and is not a benchmark (use --force to replace it)")

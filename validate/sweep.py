@@ -58,8 +58,10 @@ def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
     from rdcd.manifest import Manifest
     from rdcd.quantize.api import REPORT, quantize_export
 
-    export(student_source(checkpoint, size=size), Options(targets=["onnx"], out=out, threads=a.threads,
-                                                           command="rdcd-validate sweep"))
+    res = export(student_source(checkpoint, size=size), Options(targets=["onnx"], out=out, threads=a.threads,
+                                                                 command="rdcd-validate sweep"))
+    if res.code:
+        raise RdcdError(f"the ONNX export at {size} px failed its checks (see {out / 'manifest.json'})")
     quantize_export(out, a.calib_dir, a.calib_count, a.benchmark, targets=("onnx",), with_tensorrt=False,
                     codes=False, latency_iters=a.iters, threads=a.threads, raise_on_drop=False,
                     command="rdcd-validate sweep")
@@ -69,7 +71,7 @@ def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
     fp32_ms, int8_ms = lat["fp32"]["p50_ms_best"], lat["int8"]["p50_ms_best"]
     return {"model": "student", "size": size, "fp32_micro_ap": acc["fp32_micro_ap"], "int8_micro_ap": acc["micro_ap"],
             "drop": acc["drop"], "drop_ci95": acc.get("drop_ci95"), "fp32_p50_ms": fp32_ms, "int8_p50_ms": int8_ms,
-            "speedup": round(fp32_ms / int8_ms, 3) if int8_ms else None,
+            "speedup": round(fp32_ms / int8_ms, 3) if int8_ms else float("nan"),
             "fallback_layers": len(art.get("fallback_layers") or []), "export": str(out)}
 
 
@@ -90,9 +92,14 @@ def run_sweep(a) -> dict:
     from rdcd.validate.runtimes import device_info
 
     sizes = _sizes(a.sizes)
+    bench = load_benchmark(a.benchmark)
+    names = [s.strip() for s in a.baselines.split(",") if s.strip()]
+    if set(names) - set(BASELINES):
+        raise RdcdError(f"--baselines: unknown {', '.join(sorted(set(names) - set(BASELINES)))}; choose from "
+                        f"{', '.join(BASELINES)}")
+    baselines = [_baseline_point(s, bench, a) for s in names]  # first: a missing teacher fails before the sizes
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    bench = load_benchmark(a.benchmark)
     t0 = time.time()
     points = []
     for size in sizes:
@@ -101,7 +108,6 @@ def run_sweep(a) -> dict:
         p = points[-1]
         print(f"{size} px: FP32 µAP {p['fp32_micro_ap']:.4f} {p['fp32_p50_ms']:.2f} ms | INT8 µAP "
               f"{p['int8_micro_ap']:.4f} {p['int8_p50_ms']:.2f} ms (x{p['speedup']:.2f})", flush=True)
-    baselines = [_baseline_point(s, bench, a) for s in a.baselines.split(",") if s.strip()]
     result = {"tool": "rdcd-validate sweep", "checkpoint": str(Path(a.checkpoint).resolve()),
               "benchmark": {"path": str(bench.root), **bench.summary()}, "threads": a.threads,
               "latency": f"ONNX Runtime, batch 1, best p50 of 3 rounds x {a.iters} runs", "host": device_info(),
