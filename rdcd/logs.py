@@ -17,7 +17,8 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-LIBRARIES = ("nncf", "openvino", "onnxruntime", "coremltools", "torch", "py.warnings", "faiss", "faiss.loader")
+LIBRARIES = ("nncf", "openvino", "onnxruntime", "onnx_ir", "onnxscript", "coremltools", "torch", "py.warnings", "faiss",
+             "faiss.loader")
 _state: dict[str, Path | None] = {"path": None}
 
 

@@ -100,6 +100,9 @@ def run_sweep(a) -> dict:
     baselines = [_baseline_point(s, bench, a) for s in names]  # first: a missing teacher fails before the sizes
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    from rdcd.logs import keep_library_logs
+
+    keep_library_logs(out / "libraries.log")
     t0 = time.time()
     points = []
     for size in sizes:
@@ -154,8 +157,14 @@ def plot_front(result: dict, path: Path) -> None:
     ax.set(xscale="log", xlabel=f"batch-1 p50 latency, ms (ONNX Runtime, {result['threads']} threads, log scale)",
            ylabel="µAP", title=f"µAP / latency front on {Path(result['benchmark']['path']).name} "
                                f"({result['benchmark']['true_pairs']} true pairs)")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    lo, hi = ax.get_xlim()
+    ax.set_xticks([t for t in (0.5, 1, 2, 3, 5, 10, 20, 50, 100) if lo <= t <= hi])
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
