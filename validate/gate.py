@@ -195,7 +195,8 @@ class Evaluator:
         eval_s = time.perf_counter() - t0
         lat = measure_latency(runner, self.sample(spec), cfg.warmup, cfg.latency_iters)
         m = res.metrics
-        out = {"micro_ap": m.micro_ap, "recall_at_p90": m.recall_at_p90, "acc_at_1": m.acc_at_1,
+        out = {"micro_ap": m.micro_ap, "recall_at_p90": m.recall_at_p90, "threshold_at_p90": m.threshold_at_p90,
+               "acc_at_1": m.acc_at_1,
                "setting": res.setting, "dim": res.dim, "curve": _curve(m), "eval_seconds": round(eval_s, 2),
                "latency": {"batch": 1, "threads": cfg.threads, "warmup": cfg.warmup, "iters": cfg.latency_iters,
                            **{f"{k}_ms": v for k, v in lat["latency_ms"].items() if k in ("p50", "p90", "p99", "mean")},
@@ -315,6 +316,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
         predictions[art["name"]] = meas["predictions"]
         row.update(status=OK, runtime=desc.get("runtime", runtime), runtime_version=desc.get("version"),
                    micro_ap=meas["micro_ap"], recall_at_p90=meas["recall_at_p90"], acc_at_1=meas["acc_at_1"],
+                   threshold_at_p90=meas["threshold_at_p90"],  # the operating point rdcd-index --threshold auto uses
                    setting=meas["setting"], curve=meas["curve"], latency=meas["latency"],
                    eval_seconds=meas["eval_seconds"])
         if meas.get("cached"):

@@ -1,0 +1,203 @@
+"""What ``rdcd-index`` reads: the model (artifact, runner, preprocessing, sha256), image folders (ids,
+batched descriptors with progress, unreadable files skipped) and the gate's operating point. **No torch.**"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from rdcd.errors import RdcdError
+
+log = logging.getLogger("rdcd.index")
+
+
+# ------------------------------------------------------------------------------------------- models
+def resolve_artifact(spec: str, name: str | None = None) -> Path:
+    """The artifact file a ``--model`` names: the file itself, or a row of an export folder's manifest."""
+    path = Path(spec)
+    if not path.exists():
+        raise RdcdError(f"model not found: {spec}")
+    if not path.is_dir() or path.suffix == ".mlpackage":
+        if name:
+            raise RdcdError("--artifact selects a row of an export folder's manifest; --model is a file")
+        return path
+    mf = path / "manifest.json"
+    if not mf.is_file():
+        raise RdcdError(f"{path} is a folder without manifest.json: pass an exported artifact or an export folder")
+    try:
+        arts = [a for a in json.loads(mf.read_text()).get("artifacts", []) if isinstance(a, dict) and a.get("path")]
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise RdcdError(f"malformed {mf}: {exc}") from None
+    usable = [a for a in arts if a.get("status", "ok") == "ok" and (path / a["path"]).exists()]
+    if name:
+        pick = next((a for a in arts if a.get("name") == name), None)
+        if pick is None or pick not in usable:
+            why = "not in" if pick is None else "not usable (status or file) in"
+            raise RdcdError(f"artifact {name!r} is {why} {mf}; usable: {', '.join(a['name'] for a in usable) or 'none'}")
+    else:
+        pick = next((a for a in usable if a.get("name") == "onnx-fp32"), None) or \
+            next((a for a in usable if a.get("precision") == "fp32" and a.get("runtime") == "onnxruntime"), None) or \
+            (usable or [None])[0]
+        if pick is None:
+            raise RdcdError(f"no usable artifact in {mf}")
+    return path / pick["path"]
+
+
+def load_model(args) -> tuple[object, object, dict]:
+    """(runner, PreprocessSpec, model record with sha256) for ``--model``."""
+    from rdcd.preprocess import PreprocessSpec
+    from rdcd.validate.bench import _find_manifest_entries, _pick_entry, resolve_size
+    from rdcd.validate.gate import content_key
+    from rdcd.validate.runtimes import load_runner
+
+    path = resolve_artifact(args.model, getattr(args, "artifact", None))
+    data, entries = _find_manifest_entries(path)
+    runner = load_runner(path, runtime=args.runtime, threads=args.threads)
+    entry = _pick_entry(entries, getattr(runner, "name", args.runtime))
+    size, _ = resolve_size(runner, path, args.size, data, entry)
+    pre = (data or {}).get("preprocess")
+    if isinstance(pre, dict) and {"size", "mean", "std"} <= set(pre):
+        spec = PreprocessSpec.from_dict({**pre, "size": size})
+    else:
+        spec = PreprocessSpec(size=size)
+    record = {"path": str(path.resolve()), "name": path.name, "sha256": content_key(path),
+              "artifact": (entry or {}).get("name"), "precision": (entry or {}).get("precision"),
+              "runtime": getattr(runner, "name", args.runtime),
+              "source_sha256": ((data or {}).get("source") or {}).get("sha256")}
+    return runner, spec, record
+
+
+def check_model(meta: dict, record: dict, spec) -> None:
+    want = meta["model"]
+    if record["sha256"] != want.get("sha256"):
+        raise RdcdError(f"model {record['name']} (sha256 {record['sha256'][:12]}…) is not the model this index was "
+                        f"built with ({want.get('name')}, sha256 {str(want.get('sha256'))[:12]}…): descriptors of "
+                        f"different models are not comparable; use that model or build a new index")
+    if int(meta["preprocess"].get("size", spec.size)) != spec.size:
+        raise RdcdError(f"input size {spec.size} differs from the index's {meta['preprocess']['size']}: pass --size "
+                        f"{meta['preprocess']['size']}")
+
+
+# ------------------------------------------------------------------------------------------- images
+def list_folder(folder: str, mode: str) -> tuple[list[Path], list[str]]:
+    from rdcd.imageio import list_images
+
+    root = Path(folder)
+    paths = list_images(root, recursive=mode == "relpath")
+    if not paths:
+        nested = mode == "stem" and any(list_images(root, recursive=True))
+        raise RdcdError(f"no images in {root}" + (" (only in subfolders: pass --ids relpath)" if nested else ""))
+    ids = [p.stem if mode == "stem" else p.relative_to(root).with_suffix("").as_posix() for p in paths]
+    first: dict[str, Path] = {}
+    for p, i in zip(paths, ids):
+        if i in first:
+            raise RdcdError(f"two images have the id {i!r}: {first[i].name} and {p.name}")
+        first[i] = p
+    return paths, ids
+
+
+def describe_folder(runner, spec, paths: Sequence[Path], ids: Sequence[str], batch_size: int, log_every: int,
+                    what: str) -> tuple[list[str], np.ndarray, int]:
+    """Descriptors of the readable images (unreadable ones: one warning each, counted), with progress."""
+    from rdcd.validate.extract import load_images, progress_bar
+
+    feats, kept, bad, t0, next_log = [], [], 0, time.perf_counter(), log_every
+    prog, task = progress_bar(what, len(paths))
+    with prog:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start: start + batch_size]
+            batch, ok = load_images(chunk, spec, workers=2, skip_bad=True)
+            bad += len(chunk) - len(ok)
+            if ok:
+                emb = np.asarray(runner(batch), dtype=np.float32)
+                if emb.ndim != 2 or emb.shape[0] != len(ok):
+                    raise RdcdError(f"the model returned shape {emb.shape} for a batch of {len(ok)}")
+                if not np.all(np.isfinite(emb)):
+                    raise RdcdError(f"the model returned non-finite descriptors for {chunk[ok[0]]}")
+                feats.append(emb)
+                kept.extend(start + i for i in ok)
+            prog.advance(task, len(chunk))
+            done = start + len(chunk)
+            if log_every and len(paths) > log_every and (done >= next_log or done == len(paths)):
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                log.info("%s: %d/%d images, %d unreadable, %.1f img/s", what, done, len(paths), bad, rate)
+                next_log += log_every
+    if not feats:
+        raise RdcdError(f"no readable images among {len(paths)} in {Path(paths[0]).parent}")
+    return [ids[i] for i in kept], np.concatenate(feats), bad
+
+
+# ---------------------------------------------------------------------------------------- threshold
+def _report_path(p: Path) -> Path:
+    return p / "report.json" if p.is_dir() else p
+
+
+def _from_report(path: Path, sha: str) -> dict | None:
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RdcdError(f"cannot read gate report {path}: {exc}") from None
+    rows = [r for r in (rep.get("artifacts") or []) if isinstance(r, dict) and r.get("sha256") == sha]
+    row = next((r for r in rows if isinstance(r.get("threshold_at_p90"), (int, float))), None)
+    if row is None:
+        return None
+    settings = rep.get("settings") or {}
+    if settings.get("whiten") or settings.get("score_norm"):
+        raise RdcdError(f"{path}: the gate measured threshold_at_p90 on whitened / score-normalised scores, which "
+                        f"this index does not compute: pass --threshold FLOAT")
+    return {"threshold_at_p90": float(row["threshold_at_p90"]), "from": str(path), "artifact": row.get("name")}
+
+
+def find_operating_point(model: dict, report: str | None = None) -> dict | None:
+    """``threshold_at_p90`` the gate measured for this model: ``--report``, else beside the model / its manifest."""
+    if report:
+        path = _report_path(Path(report))
+        if not path.is_file():
+            raise RdcdError(f"gate report not found: {path}")
+        op = _from_report(path, model["sha256"])
+        if op is None:
+            raise RdcdError(f"{path} has no threshold_at_p90 for {model['name']} (sha256 {model['sha256'][:12]}…)")
+        return op
+    folder = Path(model["path"]).parent
+    for cand in (folder / "report.json", folder / "report" / "report.json", folder.parent / "report.json"):
+        if cand.is_file():
+            try:
+                op = _from_report(cand, model["sha256"])
+            except RdcdError as exc:
+                log.warning("ignoring %s for --threshold auto: %s", cand, exc)
+                continue
+            if op:
+                return op
+    from rdcd.validate.bench import _find_manifest_entries
+
+    data, entries = _find_manifest_entries(Path(model["path"]))
+    for e in entries:
+        for block in (e, e.get("accuracy") or {}, e.get("gate") or {}):
+            if isinstance(block.get("threshold_at_p90"), (int, float)):
+                return {"threshold_at_p90": float(block["threshold_at_p90"]), "from": "manifest.json",
+                        "artifact": e.get("name")}
+    return None
+
+
+def resolve_threshold(value: str | None, meta: dict, model: dict, report: str | None) -> float | None:
+    if value is None:
+        return None
+    if value != "auto":
+        try:
+            return float(value)
+        except ValueError:
+            raise RdcdError(f"--threshold must be auto or a number, not {value!r}") from None
+    if meta["codes"] == "binary":
+        raise RdcdError("--threshold auto is a float inner-product score; binary codes score 1 - 2*hamming/dim: "
+                        "pass --threshold FLOAT")
+    op = find_operating_point(model, report) if report else (meta.get("operating_point") or find_operating_point(model))
+    if not op:
+        raise RdcdError(f"--threshold auto: no measured operating point (threshold_at_p90) for {model['name']} in "
+                        f"the index, a report.json beside the model or its manifest: pass --report REPORT "
+                        f"(rdcd-validate gate --report) or --threshold FLOAT")
+    return float(op["threshold_at_p90"])
