@@ -6,6 +6,7 @@ Nothing here needs ../shared: benchmarks are built from the photos scikit-image 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,27 @@ def student_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("runs") / "student"
     save_student(build_student(cfg, pretrained=True).eval(), run, extra={"note": "test fixture"})
     return run
+
+
+def student_onnx(student_run: Path) -> Path:
+    """The ``student_run`` exported to ONNX once per session (the file lives beside the run, so every test
+    module that needs it shares one export)."""
+    out = student_run.parent / f"onnx-{TEST_SIZE}" / "model.onnx"
+    if not out.exists():
+        from rdcd.export.onnx_export import export_onnx
+        from rdcd.model import load_student
+
+        export_onnx(load_student(student_run), out, TEST_SIZE)
+    return out
+
+
+def fake_trtexec(bin_dir: Path, version: str, log: Path) -> dict:
+    """A stand-in ``trtexec`` that reports TensorRT ``version`` and logs its command lines to ``log``
+    (for testing the build scripts rdcd writes; not TensorRT). Returns an environment with it on PATH."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    exe = bin_dir / "trtexec"
+    exe.write_text("#!/bin/sh\n"
+                   f'echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec $*"\n'
+                   f'[ "$1" = "--help" ] && exit 0\necho "trtexec $*" >> "{log}"\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TEST_SIZE
+from conftest import TEST_SIZE, student_onnx
 
 from rdcd.fsutil import sha256
 from rdcd.manifest import Manifest, io_spec
@@ -24,21 +24,10 @@ PNG = b"\x89PNG\r\n\x1a\n"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fp32_onnx(student_run: Path) -> Path:
-    """The student exported once per session (shared with test_gate through the run's folder)."""
-    out = student_run.parent / f"onnx-{TEST_SIZE}" / "model.onnx"
-    if not out.exists():
-        from rdcd.export.onnx_export import export_onnx
-        from rdcd.model import load_student
-
-        export_onnx(load_student(student_run), out, TEST_SIZE)
-    return out
-
-
 @pytest.fixture(scope="module")
 def exports(student_run, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("bench-exports")
-    src = fp32_onnx(student_run)
+    src = student_onnx(student_run)
     try:
         os.link(src, folder / "model.onnx")
     except OSError:

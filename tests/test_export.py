@@ -7,7 +7,6 @@ import json
 import os
 import platform
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE
+from conftest import TEST_SIZE, fake_trtexec
 
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.export.cli import main
@@ -197,15 +196,6 @@ def test_coreml_package_spec(exported):
     assert runner(np.zeros((1, TEST_SIZE, TEST_SIZE, 3), np.uint8)).shape == (1, DIM)
 
 
-def _fake_trtexec(bin_dir: Path, version: str, log: Path) -> None:
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    exe = bin_dir / "trtexec"
-    exe.write_text("#!/bin/sh\n"
-                   f'echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec $*"\n'
-                   f'[ "$1" = "--help" ] && exit 0\necho "trtexec $*" >> "{log}"\n')
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-
-
 def test_tensorrt_inputs_script_and_row(exported, tmp_path, images, student_run):
     from rdcd.export.tensorrt import availability
 
@@ -227,7 +217,7 @@ def test_tensorrt_inputs_script_and_row(exported, tmp_path, images, student_run)
     # run the script against a stand-in trtexec: it must issue exactly the recorded command lines
     for version, expected in (("100300", cmd), ("110000", art["produced_by"]["options"]["command_strongly_typed"])):
         log = tmp_path / f"calls-{version}.txt"
-        _fake_trtexec(tmp_path / f"bin-{version}", version, log)
+        fake_trtexec(tmp_path / f"bin-{version}", version, log)
         env = dict(os.environ, PATH=f"{tmp_path / f'bin-{version}'}:{os.environ['PATH']}")
         subprocess.run(["sh", str(script)], check=True, env=env, cwd=tmp_path, capture_output=True)
         assert log.read_text().splitlines() == [expected]
@@ -455,7 +445,7 @@ def _calib(tmp_path: Path, skimage_dir: Path) -> Path:
 
 def _script_calls(tmp_path: Path, script: Path, version: str = "100300") -> list[str]:
     log = tmp_path / f"calls-{version}.txt"
-    _fake_trtexec(tmp_path / f"bin-{version}", version, log)
+    fake_trtexec(tmp_path / f"bin-{version}", version, log)
     env = dict(os.environ, PATH=f"{tmp_path / f'bin-{version}'}:{os.environ['PATH']}")
     subprocess.run(["sh", str(script)], check=True, env=env, capture_output=True)
     return log.read_text().splitlines()

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE
+from conftest import TEST_SIZE, student_onnx
 
 from rdcd.fsutil import sha256
 from rdcd.manifest import Manifest, io_spec
@@ -25,17 +25,6 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("matplotlib")
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def fp32_onnx(student_run: Path) -> Path:
-    """The student exported once per session (shared with test_bench through the run's folder)."""
-    out = student_run.parent / f"onnx-{TEST_SIZE}" / "model.onnx"
-    if not out.exists():
-        from rdcd.export.onnx_export import export_onnx
-        from rdcd.model import load_student
-
-        export_onnx(load_student(student_run), out, TEST_SIZE)
-    return out
 
 
 def _quantize(src: Path, dst: Path, images: np.ndarray, exclude: list[str]) -> Path:
@@ -61,7 +50,7 @@ def models(student_run, tiny_bench, tmp_path_factory) -> dict[str, Path]:
     from rdcd.benchmark import load_benchmark
     from rdcd.preprocess import PreprocessSpec
 
-    src = fp32_onnx(student_run)
+    src = student_onnx(student_run)
     folder = tmp_path_factory.mktemp("int8")
     nodes = onnx.load(str(src)).graph.node
     convs = [n.name for n in nodes if n.op_type == "Conv"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE
+from conftest import TEST_SIZE, student_onnx
 
 from rdcd.fsutil import sha256
 from rdcd.manifest import Manifest, io_spec
@@ -29,21 +29,10 @@ pytest.importorskip("faiss")
 REPO = Path(__file__).resolve().parents[1]
 
 
-def fp32_onnx(student_run: Path) -> Path:
-    """The student exported once per session (the same file test_bench and test_gate use)."""
-    out = student_run.parent / f"onnx-{TEST_SIZE}" / "model.onnx"
-    if not out.exists():
-        from rdcd.export.onnx_export import export_onnx
-        from rdcd.model import load_student
-
-        export_onnx(load_student(student_run), out, TEST_SIZE)
-    return out
-
-
 @pytest.fixture(scope="module")
 def exports(student_run, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("index-exports")
-    shutil.copy2(fp32_onnx(student_run), folder / "model.onnx")
+    shutil.copy2(student_onnx(student_run), folder / "model.onnx")
     man = Manifest(folder)
     man.data["preprocess"] = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
     inp, out = io_spec(TEST_SIZE, 128)

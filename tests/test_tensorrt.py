@@ -8,14 +8,13 @@ import argparse
 import json
 import os
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE
+from conftest import TEST_SIZE, fake_trtexec
 
 from rdcd.export import tensorrt as T
 from rdcd.fsutil import sha256
@@ -96,19 +95,9 @@ def test_manifest_row_engine_and_qdq_source(exports, tiny_bench):
     assert acc["ground_truth_sha256"] == sha256(tiny_bench / "ground_truth.csv")
 
 
-def _fake_trtexec(bin_dir: Path, version: str, log: Path) -> dict:
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    exe = bin_dir / "trtexec"
-    exe.write_text("#!/bin/sh\n"
-                   f'echo "&&&& RUNNING TensorRT.trtexec [TensorRT v{version}] # trtexec $*"\n'
-                   f'[ "$1" = "--help" ] && exit 0\necho "trtexec $*" >> "{log}"\n')
-    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
-    return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
-
-
 def _script_calls(script: Path, tmp_path: Path, version: str) -> list[str]:
     log = tmp_path / f"calls-{version}.txt"
-    env = _fake_trtexec(tmp_path / f"bin-{version}", version, log)
+    env = fake_trtexec(tmp_path / f"bin-{version}", version, log)
     subprocess.run(["sh", str(script)], check=True, env=env, cwd=tmp_path, capture_output=True)
     return log.read_text().splitlines()
 

@@ -54,23 +54,36 @@ def load_images(paths: Sequence[os.PathLike], spec: PreprocessSpec, workers: int
 
 
 def extract(embedder: Embedder, paths: Sequence[os.PathLike], spec: PreprocessSpec, batch_size: int = 32,
-            description: str = "descriptors", skip_bad: bool = False, workers: int = 4) -> tuple[np.ndarray, list[int]]:
-    """Descriptors for ``paths`` as float32 [n_ok, d] plus the indices that were readable."""
-    feats, kept = [], []
+            description: str = "descriptors", skip_bad: bool = False, workers: int = 4,
+            log_every: int = 0, logger: logging.Logger | None = None) -> tuple[np.ndarray, list[int]]:
+    """Descriptors for ``paths`` as float32 [n_ok, d] plus the indices that were readable. ``log_every``: also
+    one log line per that many images on ``logger`` (for logs without a terminal: counts, unreadable, rate)."""
+    import time
+    from pathlib import Path
+
+    feats, kept, bad, t0, next_log = [], [], 0, time.perf_counter(), log_every
     prog, task = progress_bar(description, len(paths))
     with prog:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start: start + batch_size]
             batch, ok = load_images(chunk, spec, workers=workers, skip_bad=skip_bad)
+            bad += len(chunk) - len(ok)
             if len(ok):
                 emb = np.asarray(embedder(batch), dtype=np.float32)
                 if emb.ndim != 2 or emb.shape[0] != len(ok):
-                    raise RdcdError(f"embedder returned shape {emb.shape} for a batch of {len(ok)}")
+                    raise RdcdError(f"the model returned shape {emb.shape} for a batch of {len(ok)}")
                 if not np.all(np.isfinite(emb)):
-                    raise RdcdError(f"embedder returned non-finite descriptors for {chunk[ok[0]]}")
+                    raise RdcdError(f"the model returned non-finite descriptors for {chunk[ok[0]]}")
                 feats.append(emb)
                 kept.extend(start + i for i in ok)
             prog.advance(task, len(chunk))
+            done = start + len(chunk)
+            if log_every and len(paths) > log_every and (done >= next_log or done == len(paths)):
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                (logger or log).info("%s: %d/%d images, %d unreadable, %.1f img/s", description, done, len(paths),
+                                     bad, rate)
+                next_log += log_every
     if not feats:
-        raise RdcdError("no readable images to describe")
+        where = f" in {Path(paths[0]).parent}" if len(paths) else ""
+        raise RdcdError(f"no readable images among {len(paths)}{where}")
     return np.concatenate(feats), kept

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -104,32 +103,11 @@ def list_folder(folder: str, mode: str) -> tuple[list[Path], list[str]]:
 def describe_folder(runner, spec, paths: Sequence[Path], ids: Sequence[str], batch_size: int, log_every: int,
                     what: str) -> tuple[list[str], np.ndarray, int]:
     """Descriptors of the readable images (unreadable ones: one warning each, counted), with progress."""
-    from rdcd.validate.extract import load_images, progress_bar
+    from rdcd.validate.extract import extract
 
-    feats, kept, bad, t0, next_log = [], [], 0, time.perf_counter(), log_every
-    prog, task = progress_bar(what, len(paths))
-    with prog:
-        for start in range(0, len(paths), batch_size):
-            chunk = paths[start: start + batch_size]
-            batch, ok = load_images(chunk, spec, workers=2, skip_bad=True)
-            bad += len(chunk) - len(ok)
-            if ok:
-                emb = np.asarray(runner(batch), dtype=np.float32)
-                if emb.ndim != 2 or emb.shape[0] != len(ok):
-                    raise RdcdError(f"the model returned shape {emb.shape} for a batch of {len(ok)}")
-                if not np.all(np.isfinite(emb)):
-                    raise RdcdError(f"the model returned non-finite descriptors for {chunk[ok[0]]}")
-                feats.append(emb)
-                kept.extend(start + i for i in ok)
-            prog.advance(task, len(chunk))
-            done = start + len(chunk)
-            if log_every and len(paths) > log_every and (done >= next_log or done == len(paths)):
-                rate = done / max(time.perf_counter() - t0, 1e-9)
-                log.info("%s: %d/%d images, %d unreadable, %.1f img/s", what, done, len(paths), bad, rate)
-                next_log += log_every
-    if not feats:
-        raise RdcdError(f"no readable images among {len(paths)} in {Path(paths[0]).parent}")
-    return [ids[i] for i in kept], np.concatenate(feats), bad
+    feats, kept = extract(runner, paths, spec, batch_size, what, skip_bad=True, workers=2, log_every=log_every,
+                          logger=log)
+    return [ids[i] for i in kept], feats, len(paths) - len(kept)
 
 
 # ---------------------------------------------------------------------------------------- threshold
