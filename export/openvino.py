@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from rdcd.errors import MissingDependency, RdcdError
+from rdcd.fsutil import temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ def convert(onnx_path: str | os.PathLike, xml_path: str | os.PathLike, precision
         model.set_rt_info(str(value), ["rdcd", key.removeprefix("rdcd.")])
     model.set_rt_info(precision, ["rdcd", "precision"])
     xml_path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{xml_path.stem}.", suffix=".tmp", dir=xml_path.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(xml_path.stem), suffix=".tmp", dir=xml_path.parent) as tmp:
         tmp_xml = Path(tmp) / xml_path.name
         ov.save_model(model, str(tmp_xml), compress_to_fp16=(precision == "fp16"))
         # the .xml finds its weights by file name: move the pair, the weights first

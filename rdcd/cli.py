@@ -1,46 +1,168 @@
-"""Shared command-line plumbing: one-line errors, exit codes 0 / 1 (gate failed) / 2 (bad usage or input)."""
+"""Shared command-line plumbing: one-line errors and the exit codes every command keeps.
+
+0 success · 1 a gate failed · 2 bad usage or bad input (including unwritable outputs and a full
+disk) · 130 / 143 interrupted by SIGINT / SIGTERM (after saving what can be saved). Anything else
+is a bug: 3 with ``internal error`` and a request to report it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import re
+import signal
 import sys
-from typing import Callable, Sequence
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
 
-from rdcd.errors import RdcdError
+from rdcd.errors import Interrupted, RdcdError
+
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj):`~?([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`")
+_STRONG = re.compile(r"\*\*([^*]+)\*\*")
+
+
+def plain_text(text: str | None) -> str | None:
+    """Docstring markup (reST roles, ``literals``, **bold**, a trailing ``::``) as plain terminal text."""
+    if not text:
+        return text
+    text = _ROLE.sub(r"\1", text)
+    text = _LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
+    text = _STRONG.sub(r"\1", text)
+    return re.sub(r"::$", ":", text, flags=re.M)
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse that exits 2 with a single line on bad usage (argparse already uses 2)."""
+    """argparse that exits 2 with one line and a hint on bad usage (no usage block), and shows
+    descriptions and help texts written as docstrings without their markup."""
+
+    def __init__(self, *args, **kwargs):
+        for key in ("description", "epilog"):
+            kwargs[key] = plain_text(kwargs.get(key))
+        super().__init__(*args, **kwargs)
+
+    def add_argument(self, *args, **kwargs):
+        if isinstance(kwargs.get("help"), str):
+            kwargs["help"] = plain_text(kwargs["help"])
+        return super().add_argument(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, minimum, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        if value != value or value < minimum:  # NaN too
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = what  # argparse names the type in its message
+    return parse
+
+
+#: argparse ``type=`` for counts, sizes and budgets: one check, one message, everywhere.
+positive_int = _number(int, 1, "a positive integer")
+nonnegative_int = _number(int, 0, "an integer >= 0")
+nonnegative_float = _number(float, 0.0, "a number >= 0")
+
+
+def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Create ``path`` if needed and prove a file can be written there, before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".rdcd-write-probe.", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise RdcdError(f"{what} {path} is not writable: {_reason(exc)}") from None
+    return path
+
+
+def writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
+    """Check that ``path`` can be (re)written: its folder is writable and it is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise RdcdError(f"{what} {path} is a folder, not a file")
+    writable_dir(path.parent, what=f"folder of the {what}")
+    return path
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in _FULL:
+        return "no space left on the device (disk full or file size limit)"
+    if exc.errno in _DENIED:
+        return "permission denied"
+    return exc.strerror or str(exc)
+
+
+def describe_os_error(exc: OSError) -> str:
+    name = exc.filename if exc.filename is not None else ""
+    name = os.fsencode(name).decode("utf-8", "backslashreplace") if name else ""
+    if exc.errno in _FULL:
+        return f"disk full while writing {name or 'output'}: free space and run again" \
+               " (completed outputs are kept; nothing half-written is left)"
+    if exc.errno in _DENIED:
+        return f"cannot write {name or 'an output'}: permission denied"
+    return f"{name + ': ' if name else ''}{exc.strerror or exc}"
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """SIGTERM raises like SIGINT does, so ``finally`` blocks and checkpoint handlers run."""
+    def handler(signum, frame):
+        raise Interrupted(signum)
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run a CLI entry point, turning known failures into one line on stderr and an exit code."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "rdcd"
     try:
-        code = main(argv)
+        with signals_as_interrupts():
+            code = main(argv)
         return 0 if code is None else int(code)
     except RdcdError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+        return 128 + signum
     except MemoryError:
         print(f"{prog}: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
         return 2
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # the environment (disk full, permissions, a vanished file), not a bug
+        if os.environ.get("RDCD_DEBUG"):
+            raise
+        print(f"{prog}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a bug, not a user error: keep the traceback only when asked
         if os.environ.get("RDCD_DEBUG"):
             raise
-        print(f"{prog}: internal error: {type(exc).__name__}: {exc} (set RDCD_DEBUG=1 for the traceback)",
-              file=sys.stderr)
+        print(f"{prog}: internal error (a bug, please report it): {type(exc).__name__}: {exc} "
+              "(set RDCD_DEBUG=1 for the traceback)", file=sys.stderr)
         return 3
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 class RdcdError(Exception):
     """Bad input or an environment problem the user can fix. Exit code 2."""
@@ -15,11 +17,23 @@ class GateFailed(RdcdError):
     exit_code = 1
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (or SIGINT) as an exception: like Ctrl-C it passes ``except Exception`` so that
+    ``finally`` blocks and checkpoint handlers run; the command exits 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        import signal
+
+        self.signum = signum
+        self.exit_code = 128 + signum
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+
+
 class ImageReadError(RdcdError):
     """An image file that cannot be decoded; the message names the file."""
 
     def __init__(self, path, reason: str):
-        self.path = str(path)
+        self.path = os.fsencode(path).decode("utf-8", "backslashreplace")
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 

@@ -22,7 +22,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = suffix if suffix is not None else "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.stem), suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     tmp_path.unlink()
@@ -47,6 +47,51 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
                 shutil.rmtree(tmp_path, ignore_errors=True)
             else:
                 tmp_path.unlink()
+
+
+#: Every temporary rdcd writes next to its outputs is named ``.<what>.rdcd-<pid>.<random>``, so a later
+#: run can tell the leftovers of a killed process (``kill -9``, power loss) from a live one's work.
+_TEMP_MARK = ".rdcd-"
+
+
+def temp_prefix(what: str) -> str:
+    """Prefix for a temporary file or folder (``tempfile.mkstemp/TemporaryDirectory(prefix=...)``)."""
+    return f".{what}{_TEMP_MARK}{os.getpid()}."
+
+
+def remove_stale_temps(directory: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Delete the temporaries of rdcd processes that no longer run; returns what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for p in (directory.rglob(".*") if recursive else directory.glob(".*")):
+        pid = _owner_pid(p.name)
+        if pid is None or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _owner_pid(name: str) -> int | None:
+    if not name.startswith(".") or _TEMP_MARK not in name:
+        return None
+    head = name.rsplit(_TEMP_MARK, 1)[1].split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -9,6 +9,7 @@ naming the file. No torch here: the runtime runners and the bench use it on devi
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".
 DEFAULT_MAX_PIXELS = 80_000_000
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+_log = logging.getLogger("rdcd.imageio")
 
 
 def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -107,10 +109,35 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
+def printable(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed or written as UTF-8 (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def has_utf8_name(path: str | os.PathLike) -> bool:
+    try:
+        os.fsencode(path).decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 def list_images(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
-    """Image files in ``directory`` (by extension), sorted; an error if the folder is missing."""
+    """Image files in ``directory`` (by extension), sorted; an error if the folder is missing.
+
+    A file whose name is not valid UTF-8 cannot become an id in a CSV or a manifest: it is skipped
+    with one warning naming it (undecodable bytes shown as ``\\xNN``).
+    """
     directory = Path(directory)
     if not directory.is_dir():
-        raise RdcdError(f"image folder not found: {directory}")
+        raise RdcdError(f"image folder not found: {printable(directory)}")
     it: Iterable[Path] = directory.rglob("*") if recursive else directory.iterdir()
-    return sorted(p for p in it if p.is_file() and is_image_name(p.name))
+    found = []
+    for p in it:
+        if not (is_image_name(p.name) and p.is_file()):
+            continue
+        if not has_utf8_name(p.relative_to(directory)):
+            _log.warning("skipping %s: its file name is not valid UTF-8 (rename it to use it)", printable(p))
+            continue
+        found.append(p)
+    return sorted(found)

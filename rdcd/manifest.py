@@ -78,6 +78,61 @@ def io_spec(size: int, dim: int, input_name: str = "image", output_name: str = "
             {"name": output_name, "dim": dim})
 
 
+def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
+    """The one check of a manifest's structure (every stage loads through :meth:`Manifest.load`).
+
+    Raises :class:`RdcdError` naming the file and the first problem: not an object, ``artifacts``
+    not a list, an entry that is not an object, a missing or mistyped field, an unknown target,
+    precision or status, a duplicate name, a ``reference`` to no artifact.
+    """
+    def bad(msg: str):
+        raise RdcdError(f"malformed {where}: {msg}")
+
+    if not isinstance(data, dict):
+        bad(f"expected a JSON object, found {type(data).__name__}")
+    arts = data.get("artifacts")
+    if not isinstance(arts, list):
+        bad("no 'artifacts' list")
+    for key in ("source", "preprocess"):
+        if key in data and not isinstance(data[key], dict):
+            bad(f"'{key}' must be an object")
+    names: set[str] = set()
+    for i, art in enumerate(arts):
+        if not isinstance(art, dict):
+            bad(f"artifact {i} is {json.dumps(art)[:40]}, not an object")
+        missing = [k for k in REQUIRED if k not in art]
+        if missing:
+            bad(f"artifact {i} lacks {', '.join(missing)}")
+        name = art["name"]
+        if not isinstance(name, str) or not name:
+            bad(f"artifact {i} has no name")
+        if name in names:
+            bad(f"artifact name {name!r} appears twice")
+        names.add(name)
+        for key, allowed in (("target", TARGETS), ("precision", PRECISIONS), ("status", STATUSES)):
+            if art[key] not in allowed:
+                bad(f"artifact {name!r} has {key} {art[key]!r} (expected one of {', '.join(allowed)})")
+        if not isinstance(art["path"], str) or not art["path"].strip():
+            bad(f"artifact {name!r}: 'path' must be a non-empty string, found {json.dumps(art['path'])}")
+        if not isinstance(art["input"], dict) or not isinstance(art["output"], dict):
+            bad(f"artifact {name!r}: input/output must be objects")
+        size = art["input"].get("size")
+        if size is not None and not (_positive_int(size) or (isinstance(size, list) and len(size) == 2
+                                                             and all(_positive_int(v) for v in size))):
+            bad(f"artifact {name!r}: input size must be [H, W] of positive integers, found {json.dumps(size)}")
+        dim = art["output"].get("dim")
+        if dim is not None and not _positive_int(dim):
+            bad(f"artifact {name!r}: output dim must be a positive integer, found {json.dumps(dim)}")
+    for art in arts:
+        ref = art.get("reference")
+        if ref is not None and ref not in names:
+            bad(f"artifact {art['name']!r} names reference {ref!r}, which is not in the manifest")
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 class Manifest:
     def __init__(self, directory: str | os.PathLike, data: dict[str, Any] | None = None):
         self.dir = Path(directory)
@@ -104,12 +159,7 @@ class Manifest:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RdcdError(f"malformed {path}: {exc}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("artifacts"), list):
-            raise RdcdError(f"malformed {path}: no 'artifacts' list")
-        for i, art in enumerate(data["artifacts"]):
-            missing = [k for k in REQUIRED if k not in art]
-            if missing:
-                raise RdcdError(f"malformed {path}: artifact {i} lacks {', '.join(missing)}")
+        validate(data, path)
         return cls(directory, data)
 
     @classmethod

@@ -98,32 +98,34 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--train-dir", default=str(DEFAULT_POOL), help="unlabeled training images (default: ../shared/data/train-pool)")
     p.add_argument("--photos-dir", default=str(DEFAULT_PHOTOS),
                    help="more training images, photographs (default: ../shared/data/train-photos, when present)")
-    p.add_argument("--max-images", type=int, default=4000,
+    p.add_argument("--max-images", type=cli.positive_int, default=4000,
                    help="training images drawn from both folders (default 4000: a CPU-sized feature cache)")
-    p.add_argument("--holdout", type=int, default=600, help="pool images held out for the benchmark (default 600)")
-    p.add_argument("--photo-holdout", type=int, default=1000,
+    p.add_argument("--holdout", type=cli.positive_int, default=600, help="pool images held out for the benchmark (default 600)")
+    p.add_argument("--photo-holdout", type=cli.nonnegative_int, default=1000,
                    help="photos held out for the benchmark too, when --photos-dir exists (default 1000)")
-    p.add_argument("--queries-per-ref", type=int, default=2,
+    p.add_argument("--queries-per-ref", type=cli.positive_int, default=2,
                    help="edited copies per matched reference (default 2: with the defaults, 1,120 true pairs, "
                         "enough to resolve a 0.005 µAP drop)")
     p.add_argument("--backbone", default="efficientnet_lite0")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--size", type=int, default=128, help="student input size (default 128: CPU-sized)")
-    p.add_argument("--teacher-size", type=int, default=224, help="the teacher sees the student's view at this size")
-    p.add_argument("--head-steps", type=int, default=1500,
+    p.add_argument("--dim", type=cli.positive_int, default=128, help="descriptor dimension (default 128)")
+    p.add_argument("--input-size", dest="size", type=cli.positive_int, default=128, help="student input size (default 128: CPU-sized)")
+    p.add_argument("--size", dest="size", type=cli.positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--teacher-size", type=cli.positive_int, default=224, help="the teacher sees the student's view at this size")
+    p.add_argument("--head-steps", type=cli.nonnegative_int, default=1500,
                    help="head-stage steps on cached backbone + teacher features (default 1500; rdcd-distill --head-steps)")
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--max-steps", dest="steps", type=cli.nonnegative_int, default=0,
                    help="full fine-tuning steps after the head stage (default 0: on 2 CPU cores a short full "
                         "fine-tune spends its budget in the early dip; see docs/reports/distill.md)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=0.0015, help="peak learning rate (default 0.0015 at batch 32)")
-    p.add_argument("--queue", type=int, default=1024,
+    p.add_argument("--steps", dest="steps", type=cli.nonnegative_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="training batch (default 32)")
+    p.add_argument("--lr", type=cli.nonnegative_float, default=0.0015, help="peak learning rate (default 0.0015 at batch 32)")
+    p.add_argument("--queue", type=cli.positive_int, default=1024,
                    help="MoCo key queue and RSD teacher queue (default 1024: below one epoch of the pool, so a queue "
                         "never holds the same image's previous view)")
-    p.add_argument("--cache-views", type=int, default=2,
+    p.add_argument("--cache-views", type=cli.positive_int, default=2,
                    help="cached views per training image (default 2: the head stage contrasts two views of an image)")
-    p.add_argument("--calib-count", type=int, default=300, help="INT8 calibration images (default 300)")
-    p.add_argument("--max-drop", type=float, default=0.005, help="gate: largest INT8 µAP drop (default 0.005)")
+    p.add_argument("--calib-count", type=cli.positive_int, default=300, help="INT8 calibration images (default 300)")
+    p.add_argument("--max-drop", type=cli.nonnegative_float, default=0.005, help="gate: largest INT8 µAP drop (default 0.005)")
     p.add_argument("--stages", default="bench,baselines,distill,export,quantize,validate",
                    help="comma list of stages to run (default: all)")
     return p
@@ -136,14 +138,13 @@ def _main(argv: Sequence[str] | None) -> int:
     unknown = set(stages) - {"bench", "baselines", "distill", "export", "quantize", "validate"}
     if unknown:
         raise RdcdError(f"unknown stage(s) {', '.join(sorted(unknown))}")
-    if a.queries_per_ref < 1 or a.holdout < 8 or a.photo_holdout < 0:
-        raise RdcdError("--queries-per-ref must be >= 1, --holdout >= 8 and --photo-holdout >= 0")
+    if a.holdout < 8:
+        raise RdcdError(f"--holdout {a.holdout}: the benchmark needs at least 8 held-out pool images")
     from rdcd.benchmark import load_benchmark
     from rdcd.fsutil import write_json, write_text
     from rdcd.validate.demo import DemoConfig, build_demo
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = cli.writable_dir(a.out, "--out")
     from rdcd.logs import keep_library_logs
 
     library_log = keep_library_logs(out / "libraries.log")  # NNCF, ONNX Runtime, Core ML Tools, warnings
