@@ -5,14 +5,16 @@ Examples::
     rdcd-distill --train-dir ../shared/data/train-pool --exclude-benchmark runs/bench-pool \\
         --dim 128 --input-size 160 --teacher-size 224 --max-steps 1500 --cache runs/cache --out runs/rdcd-128
     torchrun --nproc-per-node 4 -m rdcd.distill.cli --recipe paper --train-dir DISC/train --out runs/paper
-    rdcd-distill ... --out runs/rdcd-128 --resume          # continue after an interruption
+    rdcd-distill ... --out runs/rdcd-128 --resume          # continue after an interruption (Ctrl-C saves a checkpoint)
+    rdcd-distill ... --out runs/rdcd-128 --max-steps 3000  # extend a finished run from its last checkpoint
 
 Recipes set defaults that explicit flags override: ``small`` (default; CPU-sized queues of 2,048 keys and
 4,096 teacher features, global batch 32) and ``paper`` (RDCD's: queues of 65,536, batch 256, 224 px,
 100 epochs, 5 warm-up epochs, base lr 1.0 at batch 256).
 
-Exit codes: 0 done, 1 training diverged (non-finite loss; the last good checkpoint is kept),
-2 bad usage or input.
+Exit codes: 0 done (or nothing left to do), 1 training diverged (non-finite loss; the last good
+checkpoint is kept), 2 bad usage or input (checked before any work; a full disk), 130 / 143 stopped
+by SIGINT / SIGTERM after writing a checkpoint of the current step (continue with --resume).
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def build_parser() -> cli.ArgumentParser:
                    help="folder of training images (unlabeled); repeat it to train on several folders")
     g.add_argument("--exclude-benchmark", metavar="BENCH", default=None, action="append",
                    help="leave out the images listed in BENCH/sources.csv (a benchmark built from the same folder)")
-    g.add_argument("--max-images", type=int, default=None, metavar="N",
+    g.add_argument("--max-images", type=cli.positive_int, default=None, metavar="N",
                    help="train on a fixed subset of N images (chosen by sha1 of the file names) of all --train-dir")
-    g.add_argument("--workers", type=int, default=2, help="data-loader processes per training process (default 2)")
-    g.add_argument("--canvas", type=int, default=None,
+    g.add_argument("--workers", type=cli.nonnegative_int, default=2, help="data-loader processes per training process (default 2)")
+    g.add_argument("--canvas", type=cli.positive_int, default=None,
                    help="size of the square canvas the PIL stage works on (default: the view size)")
     g.add_argument("--no-overlays", dest="overlays", action="store_false",
                    help="leave out the text and emoji overlays (they need AugLy)")
@@ -56,8 +58,8 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--backbone", default="efficientnet_lite0",
                    help="efficientnet_lite0 (offline ImageNet init), efficientnet_b0, mobilenetv3_large_100, "
                         "fastvit_t12 or any timm model")
-    g.add_argument("--dim", type=int, default=128, help="descriptor size (the paper: 64, 128, 256)")
-    g.add_argument("--input-size", type=int, default=None, help="student input size (recipe: 224)")
+    g.add_argument("--dim", type=cli.positive_int, default=128, help="descriptor size (the paper: 64, 128, 256)")
+    g.add_argument("--input-size", type=cli.positive_int, default=None, help="student input size (recipe: 224)")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", help="random init")
     g.add_argument("--backbone-weights", metavar="FILE", default=None,
                    help="timm ImageNet checkpoint (.safetensors or .pth state dict) for backbones without offline "
@@ -65,51 +67,51 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--teacher", default="sscd-onnx",
                    help="sscd-onnx (default: SSCD int8 ONNX in ONNX Runtime) | PATH.pt (SSCD TorchScript) | "
                         "PATH.onnx | timm:NAME")
-    g.add_argument("--teacher-size", type=int, default=None,
+    g.add_argument("--teacher-size", type=cli.positive_int, default=None,
                    help="teacher input size; it sees the student's view at this size (default: --input-size)")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch size across processes (recipe)")
-    g.add_argument("--lr", type=float, default=None, help="absolute peak learning rate (overrides --base-lr)")
-    g.add_argument("--base-lr", type=float, default=None, help="peak lr at batch 256, scaled linearly (recipe: 1.0)")
-    g.add_argument("--sgd-momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=1e-6)
-    g.add_argument("--epochs", type=int, default=None, help="epochs (recipe: 100)")
-    g.add_argument("--max-steps", type=int, default=None,
+    g.add_argument("--batch-size", type=cli.positive_int, default=None, help="global batch size across processes (recipe)")
+    g.add_argument("--lr", type=cli.nonnegative_float, default=None, help="absolute peak learning rate (overrides --base-lr)")
+    g.add_argument("--base-lr", type=cli.nonnegative_float, default=None, help="peak lr at batch 256, scaled linearly (recipe: 1.0)")
+    g.add_argument("--sgd-momentum", type=cli.nonnegative_float, default=0.9)
+    g.add_argument("--weight-decay", type=cli.nonnegative_float, default=1e-6)
+    g.add_argument("--epochs", type=cli.positive_int, default=None, help="epochs (recipe: 100)")
+    g.add_argument("--max-steps", type=cli.nonnegative_int, default=None,
                    help="stop after this many steps; the schedule then spans min(epochs, max-steps)")
-    g.add_argument("--warmup-epochs", type=float, default=None, help="linear warm-up (recipe: 5)")
-    g.add_argument("--warmup-steps", type=int, default=None, help="warm-up in steps (overrides --warmup-epochs)")
-    g.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm (default: off)")
+    g.add_argument("--warmup-epochs", type=cli.nonnegative_float, default=None, help="linear warm-up (recipe: 5)")
+    g.add_argument("--warmup-steps", type=cli.nonnegative_int, default=None, help="warm-up in steps (overrides --warmup-epochs)")
+    g.add_argument("--clip-grad", type=cli.nonnegative_float, default=None, help="clip the gradient norm (default: off)")
     g.add_argument("--bn", choices=("train", "frozen"), default=None,
                    help="BatchNorm in the full steps: train (batch statistics; running statistics re-estimated on "
                         "the training views) or frozen (eval mode: ImageNet's running statistics kept). Default: "
                         "frozen when the head stage runs, else train")
-    g.add_argument("--train-blocks", type=int, default=None,
+    g.add_argument("--train-blocks", type=cli.nonnegative_int, default=None,
                    help="full steps fine-tune only the last N backbone stages and its head conv (default: all)")
-    g.add_argument("--backbone-lr-mult", type=float, default=1.0,
+    g.add_argument("--backbone-lr-mult", type=cli.nonnegative_float, default=1.0,
                    help="backbone lr = lr x this; the randomly initialised heads use the full lr (default 1)")
     g.add_argument("--freeze-bn", action="store_true", help="same as --bn frozen")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (default: on with CUDA, off on CPU)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=cli.nonnegative_int, default=0)
     g = p.add_argument_group("losses")
-    g.add_argument("--queue-size", type=int, default=None, help="MoCo key queue (recipe small 2048, paper 65536)")
-    g.add_argument("--rsd-queue-size", type=int, default=None,
+    g.add_argument("--queue-size", type=cli.positive_int, default=None, help="MoCo key queue (recipe small 2048, paper 65536)")
+    g.add_argument("--rsd-queue-size", type=cli.positive_int, default=None,
                    help="teacher-feature queue for RSD (recipe small 4096, paper 65536)")
-    g.add_argument("--moco-momentum", type=float, default=0.99)
-    g.add_argument("--moco-temp", type=float, default=0.07)
-    g.add_argument("--rsd-temp", type=float, default=0.04)
-    g.add_argument("--rsd-weight", type=float, default=1.0)
-    g.add_argument("--moco-weight", type=float, default=1.0)
-    g.add_argument("--hn-weight", type=float, default=5.0, help="hard-negative loss weight")
-    g.add_argument("--hn-ramp-steps", type=int, default=0,
+    g.add_argument("--moco-momentum", type=cli.nonnegative_float, default=0.99)
+    g.add_argument("--moco-temp", type=cli.nonnegative_float, default=0.07)
+    g.add_argument("--rsd-temp", type=cli.nonnegative_float, default=0.04)
+    g.add_argument("--rsd-weight", type=cli.nonnegative_float, default=1.0)
+    g.add_argument("--moco-weight", type=cli.nonnegative_float, default=1.0)
+    g.add_argument("--hn-weight", type=cli.nonnegative_float, default=5.0, help="hard-negative loss weight")
+    g.add_argument("--hn-ramp-steps", type=cli.nonnegative_int, default=0,
                    help="ramp the hard-negative weight linearly from 0 over N steps (default 0: full weight at once)")
-    g.add_argument("--moco-momentum-end", type=float, default=None,
+    g.add_argument("--moco-momentum-end", type=cli.nonnegative_float, default=None,
                    help="cosine schedule of the momentum encoder from --moco-momentum to this (default: constant)")
-    g.add_argument("--feature-weight", type=float, default=0.0,
+    g.add_argument("--feature-weight", type=cli.nonnegative_float, default=0.0,
                    help="+ weight x (1 - cosine) between the student's 512-d feature and the teacher's (default 0)")
     g.add_argument("--rsd-positive", action="store_true", help="the current teacher feature as the first RSD column")
     g = p.add_argument_group("head stage (rdcd: heads trained on cached features before the full steps)")
-    g.add_argument("--head-steps", type=int, default=0,
+    g.add_argument("--head-steps", type=cli.nonnegative_int, default=0,
                    help="steps of head distillation on cached backbone + teacher features of --cache-views views per "
                         "image, the backbone frozen with its ImageNet BN statistics (default 0: off). Needs a "
                         "feature cache (--cache, default <out>/cache); the full steps then read the teacher's "
@@ -119,29 +121,29 @@ def build_parser() -> cli.ArgumentParser:
     g.add_argument("--head-init", choices=("pca", "pcaw", "random"), default="random",
                    help="random (default: measured best), or fc by ridge regression onto the teacher and the "
                         "projector by PCA (pcaw: whitened) of the fit")
-    g.add_argument("--head-hn-weight", type=float, default=1.0,
+    g.add_argument("--head-hn-weight", type=cli.nonnegative_float, default=1.0,
                    help="head-stage hard-negative weight (default 1: the paper's 5 collapsed the heads on mixed clip art "
                         "+ photos; see docs/reports/distill.md)")
-    g.add_argument("--head-lr", type=float, default=1e-3, help="head-stage AdamW learning rate (default 1e-3)")
-    g.add_argument("--head-batch-size", type=int, default=256, help="head-stage batch (default 256)")
-    g.add_argument("--infonce-temp", type=float, default=0.05, help="baseline InfoNCE temperature")
-    g.add_argument("--entropy-weight", type=float, default=30.0, help="baseline entropy (KoLeo) weight")
+    g.add_argument("--head-lr", type=cli.nonnegative_float, default=1e-3, help="head-stage AdamW learning rate (default 1e-3)")
+    g.add_argument("--head-batch-size", type=cli.positive_int, default=256, help="head-stage batch (default 256)")
+    g.add_argument("--infonce-temp", type=cli.nonnegative_float, default=0.05, help="baseline InfoNCE temperature")
+    g.add_argument("--entropy-weight", type=cli.nonnegative_float, default=30.0, help="baseline entropy (KoLeo) weight")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (default ./runs/<timestamp>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default 500)")
+    g.add_argument("--ckpt-every", type=cli.positive_int, default=500, help="checkpoint every N steps (default 500)")
     g.add_argument("--cache", metavar="DIR", default=None,
                    help="teacher-feature cache folder (K fixed views per image; for a slow teacher on CPU)")
-    g.add_argument("--cache-views", type=int, default=4, help="K, views per image in the cache (default 4)")
+    g.add_argument("--cache-views", type=cli.positive_int, default=4, help="K, views per image in the cache (default 4)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)")
-    g.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads per process")
+    g.add_argument("--threads", type=cli.positive_int, default=None, help="torch / ONNX Runtime threads per process")
     g.add_argument("--eval-benchmark", metavar="BENCH", default=None, help="evaluate on this benchmark at the end")
     g.add_argument("--export-momentum", choices=("auto", "never", "always"), default="auto",
                    help="save the momentum encoder instead of the student: auto = when it scores higher on "
                         "--eval-benchmark (use a validation benchmark for that), never, always")
-    g.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    g.add_argument("--eval-every", type=cli.nonnegative_int, default=0, help="also evaluate every N steps")
     g.add_argument("--eval-at-start", action="store_true", help="also evaluate the initial student")
-    g.add_argument("--log-every", type=int, default=10, help="log a line every N steps when there is no progress bar")
+    g.add_argument("--log-every", type=cli.positive_int, default=10, help="log a line every N steps when there is no progress bar")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="rich progress bar (default: when stderr is a terminal)")
     g.add_argument("-v", "--verbose", action="store_true")
@@ -190,15 +192,26 @@ def _head_settings(a: argparse.Namespace) -> dict:
 def _main(argv: Sequence[str] | None) -> int:
     a = build_parser().parse_args(argv)
     cli.setup_logging(a.verbose)
+    from rdcd.distill import preflight
+
+    preflight.check_inputs(a.train_dir, a.exclude_benchmark, a.eval_benchmark)  # before torch loads: fast
     from rdcd.distill.train import train
     from rdcd.model import backbone_info
 
     backbone_info(a.backbone)  # unknown backbone: one line before anything heavy
+    from rdcd.distill.checkpoint import AlreadyDone
+
     cfg = config_from_args(a)
     cfg.validate()
-    result = train(cfg)
     import os
 
+    try:
+        result = train(cfg)
+    except AlreadyDone as done:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"rdcd-distill: {done}", file=sys.stderr)
+            print(json.dumps({"out": cfg.out, "steps": done.step, "already_done": True}))
+        return 0
     if os.environ.get("RANK", "0") != "0":
         return 0
     summary = {"out": cfg.out, **{k: result["result"][k] for k in ("steps", "epochs", "train_img_per_s")}}

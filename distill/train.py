@@ -17,7 +17,7 @@ global batch (tau 0.05) + entropy regulariser (weight 30); no teacher, no moment
 
 Engineering: SGD (momentum 0.9) with linear warm-up then cosine decay, lr = base_lr x batch / 256
 unless ``lr`` is given; AMP on GPU; DDP (gloo/nccl); rank 0 writes an atomic ``checkpoint.pt``
-every ``ckpt_every`` steps (student, momentum encoder, optimizer, scaler, queues, RNG states,
+(:mod:`rdcd.distill.checkpoint`: also at the last step and on SIGINT / SIGTERM) every ``ckpt_every`` steps (student, momentum encoder, optimizer, scaler, queues, RNG states,
 config) and ``metrics.jsonl``; the data order and every augmentation are functions of (seed, epoch,
 image), so ``resume`` continues exactly after the last checkpoint. A non-finite loss stops the run
 before the optimizer touches the weights, keeping the last good checkpoint.
@@ -31,171 +31,37 @@ import json
 import logging
 import math
 import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rdcd.distill import augment, losses
+from rdcd import cli
+from rdcd.distill import augment, checkpoint, losses, preflight
 from rdcd.distill.cache import TeacherCache, build_cache
+from rdcd.distill.checkpoint import CHECKPOINT, METRICS, AlreadyDone  # noqa: F401 (re-exported)
+from rdcd.distill.config import BN_MODES, RESUMABLE_CHANGES, TrainConfig  # noqa: F401 (re-exported)
 from rdcd.distill.data import (CacheViewDataset, Collate, EpochBatches, ViewDataset, image_key, scan_images,
                                steps_per_epoch, worker_init)
 from rdcd.distill.dist import DistContext
-from rdcd.distill.heads import HeadConfig, HeadTrainer, hn_weight_at, momentum_at
+from rdcd.distill.heads import HeadTrainer, hn_weight_at, momentum_at
 from rdcd.distill.queues import FeatureQueue
 from rdcd.errors import RdcdError
-from rdcd.fsutil import atomic_path, write_json, write_text
+from rdcd.fsutil import write_json
 
 log = logging.getLogger("rdcd.distill")
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 TRAIN_CONFIG = "train_config.json"
-
-#: Settings that may differ between a run and its ``--resume`` (everything else must match).
-RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "workers", "device", "threads", "eval_benchmark", "eval_every",
-                     "eval_at_start", "log_every", "cache", "progress"}
 
 
 class TrainingDiverged(RdcdError):
     """The loss became NaN or infinite: the run stops, the last good checkpoint stays. Exit code 1."""
 
     exit_code = 1
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    train_dir: str | list[str] = ""  # one folder or several
-    out: str = ""
-    exclude_benchmark: str | list[str] | None = None  # benchmark folder(s) whose source images are left out
-    max_images: int | None = None  # a deterministic subset of the training images (sha1 of the names)
-    mode: str = "rdcd"  # rdcd | baseline
-    recipe: str = "small"
-    backbone: str = "efficientnet_lite0"
-    dim: int = 128
-    input_size: int = 224
-    pretrained: bool = True
-    backbone_weights: str | None = None  # a timm ImageNet checkpoint file for the backbone (verified)
-    teacher: str = "sscd-onnx"
-    teacher_size: int | None = None  # default: the student's input size (the paper's teacher sees the same tensor)
-    batch_size: int = 32  # global, across processes
-    lr: float | None = None  # absolute; default base_lr * batch_size / 256
-    base_lr: float = 1.0
-    sgd_momentum: float = 0.9
-    weight_decay: float = 1e-6
-    epochs: int = 100
-    max_steps: int | None = None
-    warmup_epochs: float = 5.0
-    warmup_steps: int | None = None
-    clip_grad: float | None = None
-    bn: str = "train"  # train: batch statistics, running statistics updated | frozen: eval mode, ImageNet's kept
-    train_blocks: int | None = None  # fine-tune only the last N backbone stages (+ its head conv); None: all
-    head_steps: int = 0  # rdcd: head distillation on cached features before the full steps (rdcd.distill.heads)
-    heads: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(HeadConfig()))
-    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (the random heads learn at the full lr)
-    queue_size: int = 2048  # MoCo key queue
-    rsd_queue_size: int = 4096  # teacher-feature queue
-    moco_momentum: float = 0.99
-    moco_temp: float = 0.07
-    rsd_temp: float = 0.04
-    rsd_weight: float = 1.0
-    moco_weight: float = 1.0
-    hn_weight: float = 5.0
-    hn_ramp_steps: int = 0  # the hard-negative weight ramps linearly from 0 over these steps
-    moco_momentum_end: float | None = None  # cosine schedule of the momentum to this value (None: constant)
-    feature_weight: float = 0.0  # + weight x (1 - cos(student 512-d, teacher)) on view A
-    rsd_positive: bool = False  # the current teacher feature as the first RSD column
-    export_momentum: str = "auto"  # auto: the momentum encoder when it scores higher on eval_benchmark | never | always
-    infonce_temp: float = 0.05  # baseline
-    entropy_weight: float = 30.0  # baseline
-    canvas: int | None = None  # PIL-stage canvas size; default: the view size
-    overlays: bool = True
-    aug: dict = dataclasses.field(default_factory=lambda: augment.AugConfig().to_dict())
-    cache: str | None = None
-    cache_views: int = 4
-    ckpt_every: int = 500
-    workers: int = 2
-    device: str = "auto"
-    amp: bool | None = None  # None: on for CUDA, off on CPU
-    seed: int = 0
-    threads: int | None = None
-    eval_benchmark: str | None = None
-    eval_every: int = 0
-    eval_at_start: bool = False
-    log_every: int = 10
-    progress: bool | None = None  # rich progress bar; None: when stderr is a terminal
-    resume: bool = False
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @property
-    def t_size(self) -> int:
-        return self.teacher_size or self.input_size
-
-    @property
-    def view_size(self) -> int:
-        return max(self.input_size, self.t_size) if self.mode == "rdcd" else self.input_size
-
-    @property
-    def canvas_size(self) -> int:
-        return self.canvas or self.view_size
-
-    def validate(self) -> None:
-        if self.mode not in ("rdcd", "baseline"):
-            raise RdcdError(f"unknown --mode {self.mode!r}: use rdcd or baseline")
-        checks = [("--dim", self.dim, 1), ("--input-size", self.input_size, 32), ("--batch-size", self.batch_size, 2),
-                  ("--queue-size", self.queue_size, 1), ("--rsd-queue-size", self.rsd_queue_size, 1),
-                  ("--ckpt-every", self.ckpt_every, 1), ("--epochs", self.epochs, 1), ("--cache-views", self.cache_views, 1),
-                  ("--log-every", self.log_every, 1)]
-        if self.teacher_size is not None:
-            checks.append(("--teacher-size", self.teacher_size, 32))
-        if self.max_steps is not None:
-            checks.append(("--max-steps", self.max_steps, 0 if self.head_steps else 1))
-        for flag, value, low in checks:
-            if value < low:
-                raise RdcdError(f"{flag} must be at least {low}, got {value}")
-        for flag, value in (("--lr", self.lr), ("--base-lr", self.base_lr)):
-            if value is not None and not (value > 0 and math.isfinite(value)):
-                raise RdcdError(f"{flag} must be a positive number, got {value}")
-        if not (self.backbone_lr_mult >= 0 and math.isfinite(self.backbone_lr_mult)):
-            raise RdcdError(f"--backbone-lr-mult must be >= 0, got {self.backbone_lr_mult}")
-        if not 0 <= self.moco_momentum < 1:
-            raise RdcdError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
-        if self.workers < 0:
-            raise RdcdError(f"--workers must be >= 0, got {self.workers}")
-        if self.export_momentum not in ("auto", "never", "always"):
-            raise RdcdError(f"--export-momentum must be auto, never or always, got {self.export_momentum!r}")
-        if self.bn not in BN_MODES:
-            raise RdcdError(f"unknown --bn {self.bn!r}: use one of {', '.join(BN_MODES)}")
-        if self.train_blocks is not None and self.train_blocks < 0:
-            raise RdcdError(f"--train-blocks must be >= 0, got {self.train_blocks}")
-        if self.max_images is not None and self.max_images < 1:
-            raise RdcdError(f"--max-images must be at least 1, got {self.max_images}")
-        if self.head_steps < 0:
-            raise RdcdError(f"--head-steps must be >= 0, got {self.head_steps}")
-        if self.head_steps and self.mode != "rdcd":
-            raise RdcdError("--head-steps needs --mode rdcd (the heads learn from cached teacher features)")
-        if self.head_steps and self.cache_views < 2:
-            raise RdcdError("--head-steps needs --cache-views of at least 2 (MoCo contrasts two cached views of an image)")
-        if self.moco_momentum_end is not None and not 0 <= self.moco_momentum_end < 1:
-            raise RdcdError(f"--moco-momentum-end must be in [0, 1), got {self.moco_momentum_end}")
-        self.head_config().validate()
-
-    def head_config(self) -> HeadConfig:
-        fields = {f.name for f in dataclasses.fields(HeadConfig)}
-        return HeadConfig(**{k: v for k, v in self.heads.items() if k in fields})
-
-    @property
-    def cache_dir(self) -> str | None:
-        """The feature cache: ``cache``, or ``<out>/cache`` when the head stage needs one."""
-        return self.cache or (str(Path(self.out) / "cache") if self.head_steps and self.mode == "rdcd" else None)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -216,26 +82,6 @@ def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
         return peak * (step + 1) / warmup
     span = max(1, total - warmup)
     return 0.5 * peak * (1 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        try:
-            torch.cuda.set_rng_state_all(state["cuda"])
-        except (RuntimeError, IndexError):  # different GPU count: the data order does not depend on it
-            pass
-
-
-BN_MODES = ("train", "frozen")
 
 
 def _train_mode(model: nn.Module, bn: str = "train", frozen: set[int] | None = None) -> None:
@@ -301,6 +147,8 @@ class Trainer:
         self.device = ctx.device
         self.out = Path(cfg.out)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the last checkpoint written or loaded
+        self.eval_error: str | None = None
         self.results: dict[str, Any] = {}
         self.evals: list[dict] = []
         self.teacher = None
@@ -320,16 +168,8 @@ class Trainer:
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
-        exclude: set[str] = set()
-        benches = [cfg.exclude_benchmark] if isinstance(cfg.exclude_benchmark, str) else (cfg.exclude_benchmark or [])
-        if benches:
-            from rdcd.validate.demo import used_sources
-
-            for bench in benches:
-                if not (Path(bench) / "sources.csv").exists():
-                    raise RdcdError(f"--exclude-benchmark {bench}: no sources.csv there "
-                                    "(a benchmark built by rdcd-validate build-demo lists its source images in it)")
-                exclude |= used_sources(bench)
+        exclude = preflight.check(cfg, ctx.is_main)  # outputs writable, benchmarks usable: before any work
+        ckpt_state = checkpoint.prepare_out_dir(cfg, self.out)
         paths = scan_images(cfg.train_dir, exclude) if ctx.is_main else None
         if paths and cfg.max_images and len(paths) > cfg.max_images:
             import hashlib
@@ -339,7 +179,6 @@ class Trainer:
             log.info("training on %d of %d images (--max-images)", cfg.max_images, len(paths))
             paths = [p for p in paths if p in keep]
         self.paths = [Path(p) for p in ctx.broadcast_object([str(p) for p in paths] if paths else None)]
-        ckpt_state = self._prepare_out_dir()
         self.n_images = len(self.paths)
         self.spe = steps_per_epoch(self.n_images, cfg.batch_size)
         if self.spe < 1:
@@ -347,6 +186,8 @@ class Trainer:
         self.total_steps = min(cfg.epochs * self.spe, cfg.max_steps if cfg.max_steps is not None else cfg.epochs * self.spe)
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_epochs * self.spe))
         self.warmup = min(self.warmup, self.total_steps)
+        if ckpt_state is not None:
+            checkpoint.check_length(self.out, ckpt_state, self.total_steps)
         self.peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * cfg.batch_size / 256
         self.per_rank = cfg.batch_size // ctx.world
         if cfg.batch_size % ctx.world:
@@ -410,38 +251,11 @@ class Trainer:
                                    cache_views=cfg.cache_views if (cfg.cache_dir and cfg.mode == "rdcd") else 0,
                                    overlays=cfg.overlays)
         if ckpt_state is not None:
-            self._load_checkpoint(ckpt_state)
+            checkpoint.load_trainer_state(self, ckpt_state)
         if cfg.cache_dir and cfg.mode == "rdcd":
             self._setup_cache()
         if ctx.is_main:
             write_json(self.out / TRAIN_CONFIG, self._describe())
-
-    def _prepare_out_dir(self):
-        cfg, ctx = self.cfg, self.ctx
-        ckpt = self.out / CHECKPOINT
-        if cfg.resume:
-            if ctx.is_main:  # temporaries of a write that a kill interrupted
-                for stale in self.out.glob(".checkpoint.*.tmp*"):
-                    stale.unlink(missing_ok=True)
-            if not ckpt.exists():
-                raise RdcdError(f"--resume: no {CHECKPOINT} in {self.out} (nothing to resume)")
-            try:
-                state = torch.load(ckpt, map_location="cpu", weights_only=True)
-            except Exception as exc:  # torch raises many types for a damaged file
-                raise RdcdError(f"cannot read checkpoint {ckpt}: {type(exc).__name__}: {exc}") from None
-            saved = json.loads(state["config"])
-            diffs = [k for k, v in self.cfg.to_dict().items()
-                     if k not in RESUMABLE_CHANGES and k in saved and saved[k] != v]
-            if diffs:
-                raise RdcdError("--resume: these settings differ from the checkpoint's: " + ", ".join(
-                    f"{k} ({saved[k]!r} there, {getattr(cfg, k)!r} now)" for k in diffs))
-            return state
-        if ckpt.exists() or (self.out / "model.safetensors").exists():
-            raise RdcdError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
-        if ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        ctx.barrier()
-        return None
 
     def _setup_cache(self) -> None:
         """Teacher features of K fixed views per image (and, for the head stage, the frozen backbone's GeM
@@ -550,53 +364,11 @@ class Trainer:
         self.save_checkpoint()
 
     # ---------------------------------------------------------------- checkpoints
-    def _checkpoint_state(self) -> dict:
-        state = {"step": self.step, "config": json.dumps(self.cfg.to_dict()),
-                 "student": {k: v.detach().cpu() for k, v in self.student.state_dict().items()},
-                 "optimizer": self.optimizer.state_dict(), "rng": _rng_state(),
-                 "results": json.dumps({"evals": self.evals, "cache": self.cache_rate,
-                                        "heads": self.heads_result})}
-        if self.momentum is not None:
-            state["momentum"] = {k: v.detach().cpu() for k, v in self.momentum.state_dict().items()}
-            state["queues"] = {"moco": self.moco_queue.state_dict(), "rsd": self.rsd_queue.state_dict()}
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
-
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
-            with atomic_path(self.out / CHECKPOINT) as tmp:
-                torch.save(self._checkpoint_state(), tmp)
+            checkpoint.write_checkpoint(self.out / CHECKPOINT, checkpoint.trainer_state(self), self.step)
+        self.saved_step = self.step
         self.ctx.barrier()
-
-    def _load_checkpoint(self, state: dict) -> None:
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.momentum is not None:
-            self.momentum.load_state_dict(state["momentum"])
-            self.moco_queue.load_state_dict(state["queues"]["moco"])
-            self.rsd_queue.load_state_dict(state["queues"]["rsd"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        prev = json.loads(state.get("results", "{}"))
-        self.evals = prev.get("evals", [])
-        self.cache_rate = prev.get("cache")
-        self.heads_result = prev.get("heads")
-        if self.ctx.is_main:  # drop log lines of steps the checkpoint does not contain
-            path = self.out / METRICS
-            if path.exists():
-                keep = []
-                for line in path.read_text().splitlines():
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError:  # a line cut by the kill
-                        continue
-                    if rec.get("step", 0) <= self.step:
-                        keep.append(line)
-                write_text(path, "".join(k + "\n" for k in keep))
-        log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
 
     # ---------------------------------------------------------------- one step
     def _view_sizes(self) -> tuple[list[int], list[int]]:
@@ -743,12 +515,25 @@ class Trainer:
         if not cfg.eval_benchmark:
             return
         if self.ctx.is_main:
-            res = evaluate_student(self.student, cfg.eval_benchmark, self.device)
-            res = {"step": self.step, "label": label, **res}
-            self.evals.append(res)
-            self._log({"step": self.step, "eval": res})
-            log.info("eval at step %d (%s): micro-AP %.4f", self.step, label, res["micro_ap"])
+            res = self._evaluate(self.student, label)
+            if res is not None:
+                self.evals.append(res)
+                self._log({"step": self.step, "eval": res})
+                log.info("eval at step %d (%s): micro-AP %.4f", self.step, label, res["micro_ap"])
         self.ctx.barrier()
+
+    def _evaluate(self, net: nn.Module, label: str) -> dict | None:
+        """An evaluation on --eval-benchmark, or None when it fails: training (and writing the final model)
+        goes on without evaluations; the run then ends with one error line saying why."""
+        if self.eval_error is not None:
+            return None
+        try:
+            return {"step": self.step, "label": label, **evaluate_student(net, self.cfg.eval_benchmark, self.device)}
+        except Exception as exc:  # noqa: BLE001 - a bad benchmark must not cost the trained model
+            self.eval_error = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RdcdError) else str(exc)
+            log.warning("evaluation (%s) on %s failed, continuing without evaluations: %s", label,
+                        self.cfg.eval_benchmark, self.eval_error)
+            return None
 
     def _choose_encoder(self) -> nn.Module:
         """The network to export: the student, or the momentum encoder (an EMA of it) with ``always``, or
@@ -759,10 +544,11 @@ class Trainer:
         if self.momentum is None or cfg.export_momentum == "never" or self.step == 0:
             return self.student
         if cfg.export_momentum == "auto":
-            if not (cfg.eval_benchmark and self.evals):
+            if not (cfg.eval_benchmark and self.evals and self.evals[-1]["step"] == self.step):
                 return self.student
-            res = {"step": self.step, "label": "final, momentum encoder",
-                   **evaluate_student(self.momentum, cfg.eval_benchmark, self.device)}
+            res = self._evaluate(self.momentum, "final, momentum encoder")
+            if res is None:
+                return self.student
             student = self.evals[-1]
             log.info("momentum encoder: micro-AP %.4f (student %.4f)", res["micro_ap"], student["micro_ap"])
             if res["micro_ap"] <= student["micro_ap"]:
@@ -794,7 +580,7 @@ class Trainer:
         imgs = 0
         prog = self._progress_bar()
         show = self._show_progress()
-        with prog as p:
+        with prog as p, checkpoint.StopOnSignal(ctx) as stop:
             task = p.add_task(cfg.mode, total=self.total_steps, completed=self.step, info="")
             while self.step < self.total_steps:
                 epoch, in_epoch = divmod(self.step, self.spe)
@@ -825,6 +611,9 @@ class Trainer:
                         self._eval("periodic")  # before the checkpoint, which then records it
                     if self.step % cfg.ckpt_every == 0 or self.step == self.total_steps:
                         self.save_checkpoint()
+                    signum = stop.requested()
+                    if signum:
+                        stop.stop(self, signum)  # saves this step, raises Interrupted
                     if self.step >= self.total_steps:
                         break
                     t_wait = time.perf_counter()
@@ -837,11 +626,20 @@ class Trainer:
 
             chosen = self._choose_encoder()
             chosen.eval()
-            save_student(chosen, self.out, extra=self._describe(final=True))
+            try:
+                save_student(chosen, self.out, extra=self._describe(final=True))
+            except OSError as exc:
+                why = "disk full" if cli.is_disk_full(exc) else (exc.strerror or str(exc))
+                raise RdcdError(f"cannot write the final model to {self.out} ({why}): the checkpoint "
+                                f"of step {self.saved_step} is intact; free space and rerun with --resume") from None
             log.info("wrote %s (config.json + model.safetensors)", self.out)
         ctx.barrier()
         if self._metrics_fh:
             self._metrics_fh.close()
+            self._metrics_fh = None
+        if self.eval_error is not None:
+            raise RdcdError(f"the model was written to {self.out}, but the evaluation on --eval-benchmark "
+                            f"{cfg.eval_benchmark} failed: {self.eval_error}")
         return self._describe(final=True)
 
     def train_step(self, batch) -> dict[str, float]:
@@ -882,17 +680,11 @@ class Trainer:
 
     def _diverged(self, step: int, vals, names, what: str = "loss"):
         ckpt = self.out / CHECKPOINT
-        kept = f"last good checkpoint kept: {ckpt} (step {self._ckpt_step()})" if ckpt.exists() else \
+        kept = f"last good checkpoint kept: {ckpt} (step {checkpoint.checkpoint_step(self.out)})" if ckpt.exists() else \
             "no checkpoint had been written yet"
         parts = ", ".join(f"{n} {float(v):.4g}" for n, v in zip(names, vals[1:]))
         raise TrainingDiverged(f"non-finite {what} at step {step} (loss {float(vals[0]):.4g}; {parts}); training "
                                f"stopped, {kept}; lower --lr/--base-lr or enable --clip-grad")
-
-    def _ckpt_step(self):
-        try:
-            return int(torch.load(self.out / CHECKPOINT, map_location="cpu", weights_only=True)["step"])
-        except Exception:
-            return "?"
 
     def _describe(self, final: bool = False) -> dict:
         import timm
@@ -943,7 +735,17 @@ def train(cfg: TrainConfig) -> dict:
     ctx = DistContext.from_env(cfg.device)
     if not ctx.is_main:
         logging.getLogger("rdcd").setLevel(logging.WARNING)
+    created = sorted((Path(d) for d in {cfg.out, cfg.cache_dir} if d and not Path(d).exists()),
+                     key=lambda d: -len(d.parts))
     try:
         return Trainer(cfg, ctx).run()
+    except BaseException:
+        if ctx.is_main:  # a run refused before it wrote anything leaves no empty folder behind
+            for d in created:
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+        raise
     finally:
         ctx.close()

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rdcd.cli import ArgumentParser, run, setup_logging
+from rdcd.cli import ArgumentParser, positive_int, run, setup_logging, writable_dir
 from rdcd.errors import RdcdError
 
 log = logging.getLogger("rdcd.export")
@@ -42,12 +42,14 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--target", action="append", metavar="T",
                    help="onnx, coreml, openvino, tensorrt or all; repeat it or give a comma list (default: all)")
     p.add_argument("--out", metavar="DIR", help="export directory (default: exports/<run name>)")
-    p.add_argument("--size", type=int, metavar="PX", help="input size override (default: the run's input size; "
+    p.add_argument("--size", type=positive_int, metavar="PX", help="input size override (default: the run's input size; "
                    "288 for teachers)")
     p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="Core ML compute precision "
                    "(default fp16)")
-    p.add_argument("--batch", type=int, default=8, metavar="N",
-                   help="TensorRT profile: batch 1..N, optimised for N (default 8)")
+    p.add_argument("--trt-max-batch", type=positive_int, default=8, metavar="N",
+                   help="TensorRT engine profile: batch 1..N, optimised for N (default 8)")
+    hidden = __import__("argparse").SUPPRESS  # old spellings, still accepted
+    p.add_argument("--batch", dest="trt_max_batch", type=positive_int, default=hidden, help=hidden)
     p.add_argument("--parity-images", metavar="DIR", help="images for the parity checks (default: the photos "
                    "scikit-image ships); at most 32, by name")
     p.add_argument("--whiten-on", metavar="DIR",
@@ -55,8 +57,9 @@ def build_parser() -> ArgumentParser:
                         "the exported projector; the folder's hash goes into the manifest (students only)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 through the quantize stage "
                    "(rdcd.quantize.api.quantize_export)")
-    p.add_argument("--calib", metavar="DIR", help="calibration images for --int8 (required with it)")
-    p.add_argument("--threads", type=int, default=2, metavar="N", help="CPU threads for the parity runs (default 2)")
+    p.add_argument("--calib-dir", metavar="DIR", dest="calib", help="calibration images for --int8 (required with it)")
+    p.add_argument("--calib", dest="calib", default=hidden, help=hidden)
+    p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="CPU threads for the parity runs (default 2)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -64,14 +67,12 @@ def build_parser() -> ArgumentParser:
 def _validate(args, parser) -> None:
     if args.size is not None and not 32 <= args.size <= 2048:
         parser.error(f"--size must be between 32 and 2048, not {args.size}")
-    if args.batch < 1 or args.batch > 4096:
-        parser.error(f"--batch must be between 1 and 4096, not {args.batch}")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+    if args.trt_max_batch > 4096:
+        parser.error(f"--trt-max-batch must be between 1 and 4096, not {args.trt_max_batch}")
     if args.calib and not args.int8:
-        parser.error("--calib only applies with --int8")
+        parser.error("--calib-dir only applies with --int8")
     if args.int8 and not args.calib:
-        parser.error("--int8 needs --calib DIR (calibration images for the quantize stage)")
+        parser.error("--int8 needs --calib-dir DIR (calibration images for the quantize stage)")
     if args.calib and not Path(args.calib).is_dir():
         raise RdcdError(f"calibration folder not found: {args.calib}")
 
@@ -139,6 +140,8 @@ def _main(argv: Sequence[str] | None) -> int:
     from rdcd.export import source as S
 
     targets = api.parse_targets(args.target)
+    if args.out:  # an --out that cannot be written fails before the model is loaded
+        writable_dir(args.out, "--out", clean=True)
     # everything that can be wrong with the input fails here, before any slow work
     paths = parity.image_paths(args.parity_images)
     if args.int8:
@@ -154,11 +157,9 @@ def _main(argv: Sequence[str] | None) -> int:
             log.info("no --checkpoint: using the newest run, %s", ckpt)
         src = S.student_source(ckpt, size=args.size, whiten_on=args.whiten_on)
         default_out = Path("exports") / src.name
-    out = Path(args.out) if args.out else default_out
-    if out.exists() and not out.is_dir():
-        raise RdcdError(f"--out {out} exists and is not a directory")
+    out = writable_dir(args.out or default_out, "--out", clean=True)
     command = "rdcd-export " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    opts = api.Options(targets=targets, out=out, coreml_precision=args.precision, batch=args.batch,
+    opts = api.Options(targets=targets, out=out, coreml_precision=args.precision, batch=args.trt_max_batch,
                        parity_paths=paths, int8=args.int8, calib=Path(args.calib) if args.calib else None,
                        threads=args.threads, command=command)
     result = api.export(src, opts)

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 RUNS_DIR = Path("runs")
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
+TRAIN_CHECKPOINT = "checkpoint.pt"  # rdcd.distill.checkpoint.CHECKPOINT: what an interrupted run leaves
 
 
 @dataclasses.dataclass
@@ -124,10 +125,17 @@ def student_source(checkpoint: str | os.PathLike, size: int | None = None,
     (:func:`rdcd.model.fold_whitening`) and the folder's hash is recorded."""
     from rdcd.model import load_config, load_student, reparameterize, resolve_checkpoint
 
-    weights, _ = resolve_checkpoint(checkpoint)
-    cfg = load_config(checkpoint)
-    check_dims(weights, cfg)
-    student = load_student(checkpoint)
+    training = training_checkpoint(checkpoint)
+    if training is not None:
+        student, step = load_training_checkpoint(training)
+        weights = training
+        log.info("%s has no %s (an interrupted run): exporting the student of its training checkpoint %s "
+                 "(step %d)", training.parent, WEIGHTS, training.name, step)
+    else:
+        weights, _ = resolve_checkpoint(checkpoint)
+        cfg = load_config(checkpoint)
+        check_dims(weights, cfg)
+        student = load_student(checkpoint)
     config = student.config
     if size:
         config = dataclasses.replace(config, input_size=int(size))
@@ -151,6 +159,50 @@ def student_source(checkpoint: str | os.PathLike, size: int | None = None,
                         checkpoint=str(Path(checkpoint).resolve()),
                         path=weights.resolve(), sha256=sha256(weights), spec=spec, dim=config.dim,
                         backbone=config.backbone, model=model, net=net)
+
+
+def training_checkpoint(checkpoint: str | os.PathLike) -> Path | None:
+    """The ``checkpoint.pt`` to load the student from: ``checkpoint`` itself (a ``.pt`` file), or the one
+    of a run directory that has no final ``model.safetensors`` (training was interrupted); else None."""
+    path = Path(checkpoint)
+    if path.is_file() and path.suffix == ".pt":
+        return path
+    if path.is_dir() and not (path / WEIGHTS).exists() and (path / TRAIN_CHECKPOINT).is_file():
+        return path / TRAIN_CHECKPOINT
+    return None
+
+
+def load_training_checkpoint(path: str | os.PathLike):
+    """(student in eval mode, step) from an ``rdcd-distill`` ``checkpoint.pt``: tensors only
+    (``weights_only``), its model settings from the training config it records."""
+    import torch
+
+    from rdcd.model import Student, StudentConfig
+
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        train_cfg = json.loads(state["config"])
+        weights = state["student"]
+        step = int(state.get("step", 0))
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise RdcdError(f"cannot read {path} as an rdcd-distill checkpoint: {type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    proj = weights.get("projector.weight") if isinstance(weights, dict) else None
+    if proj is None or proj.dim() != 2:
+        raise RdcdError(f"{path} holds no student projector.weight: not an rdcd-distill checkpoint")
+    try:
+        config = StudentConfig(backbone=str(train_cfg["backbone"]), dim=int(proj.shape[0]),
+                               feat_dim=int(proj.shape[1]), input_size=int(train_cfg["input_size"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RdcdError(f"{path}: its training config lacks the model settings ({exc})") from None
+    student = Student(config, pretrained=False)
+    try:
+        student.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise RdcdError(f"{path}: the student weights do not match a {config.backbone} {config.dim}-d student: "
+                        f"{str(exc).splitlines()[-1].strip()}") from None
+    return student.eval(), step
 
 
 def folder_sha256(paths) -> str:

@@ -32,17 +32,18 @@ import logging
 import os
 import platform
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 from rdcd import __version__
 from rdcd.errors import GateFailed, MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.fsutil import atomic_path, write_json
-from rdcd.manifest import Manifest
+from rdcd.manifest import MAX_DROP, Manifest
 from rdcd.preprocess import PreprocessSpec
 from rdcd.quantize.accuracy import BenchImages, accuracy_block, check_unit_norm
 from rdcd.quantize.calib import DEFAULT_CALIB_COUNT, load_calibration
+from rdcd.cli import is_disk_full
+from rdcd.quantize.preflight import check_onnx, check_options, prepare_export_dir, work_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ def _checkpoint(manifest: Manifest, checkpoint) -> Path | None:
 
 def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
                     calib_count: int = DEFAULT_CALIB_COUNT, benchmark: str | os.PathLike | None = None,
-                    max_drop: float = 0.005, targets: Sequence[str] | None = None, method: str = "auto",
+                    max_drop: float = MAX_DROP, targets: Sequence[str] | None = None, method: str = "auto",
                     engine: str = "auto", checkpoint: str | os.PathLike | None = None, threads: int = 2,
                     fallback: bool = True, max_fallback_steps: int = 8, keep_tail_float: bool = True,
                     reduce_range: str = "auto", codes: bool = True, latency_iters: int = 0,
@@ -114,25 +115,19 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
     from rdcd.quantize.onnx_ptq import METHODS, Recipe
 
     if calib_dir is None or str(calib_dir) == "":
-        raise RdcdError("INT8 calibration needs a folder of real images: pass --calib-dir (rdcd-export: --calib)")
+        raise RdcdError("INT8 calibration needs a folder of real images: pass --calib-dir")
     explicit = targets is not None
     targets = tuple(dict.fromkeys(targets if explicit else DEFAULT_TARGETS))
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise RdcdError(f"unknown target(s) {', '.join(bad) or '(none)'}: choose from {', '.join(TARGETS)}")
-    if method != "auto" and method not in METHODS:
-        raise RdcdError(f"unknown calibration method {method!r}: choose from auto, {', '.join(METHODS)}")
-    if reduce_range not in ("auto", "first", "all", "none"):
-        raise RdcdError(f"reduce_range must be auto, first, all or none, not {reduce_range!r}")
-    if engine not in ("auto", "ort", "nncf"):
-        raise RdcdError(f"unknown engine {engine!r}: choose from auto, ort, nncf")
-    if not (0 <= max_drop < 1):
-        raise RdcdError(f"--max-drop must be in [0, 1), got {max_drop}")
-    manifest = Manifest.load(export_dir)
+    check_options(method, reduce_range, engine, max_drop, METHODS)
+    manifest = Manifest.load(export_dir)  # the one manifest loader: malformed manifests are RdcdErrors
+    prepare_export_dir(manifest.dir)  # writable; temporaries of killed runs removed
     onnx_art = _fp_artifact(manifest, "onnx")
     if onnx_art is None:
         raise RdcdError(f"no FP32 ONNX artifact in {manifest.path}: run rdcd-export --target onnx first")
-    fp32_onnx = manifest.resolve(onnx_art)
+    fp32_onnx = check_onnx(manifest.resolve(onnx_art), onnx_art.get("sha256"))  # not a damaged file
     spec = _spec(manifest, onnx_art)
     ck = _checkpoint(manifest, checkpoint)
     if "coreml" in targets and ck is None and not explicit:
@@ -172,7 +167,7 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
     else:
         log.warning("no --benchmark: INT8 accuracy is not measured and the fallback loop is off")
     calib = load_calibration(calib_dir, spec, calib_count, exclude_names)
-    log.info("calibration: %d images from %s", len(calib), calib.directory)
+    log.info("%s", calib.summary())
 
     ctx = _Context(manifest, spec, bench, calib, max_drop, threads, fallback and bench is not None,
                    max_fallback_steps, command, onnx_art)
@@ -180,8 +175,8 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
                     "benchmark": bench.info() if bench else None, "targets": {}}
     artifacts: list[dict] = []
     errors: list[tuple[str, Exception]] = []
-    with tempfile.TemporaryDirectory(prefix=".rdcd-quantize-work.", dir=manifest.dir) as work:
-        ctx.work = Path(work)
+    with work_dir(manifest.dir) as work:
+        ctx.work = work
         from rdcd.quantize.onnx_ptq import OnnxQuantizer
 
         quantizer = OnnxQuantizer(fp32_onnx, calib.images, keep_tail_float, ctx.work / "onnx")
@@ -213,7 +208,7 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
             try:
                 arts, rep = job()
             except Exception as exc:
-                if os.environ.get("RDCD_DEBUG"):
+                if os.environ.get("RDCD_DEBUG") or is_disk_full(exc):
                     raise
                 log.error("%s failed: %s%s", target, "" if isinstance(exc, RdcdError) else f"{type(exc).__name__}: ",
                           str(exc).splitlines()[0] if str(exc) else "")

@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from rdcd.errors import ImageReadError, RdcdError
-from rdcd.imageio import list_images
+from rdcd.imageio import is_image_name, list_images
 from rdcd.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -34,6 +34,8 @@ class CalibrationSet:
     skipped: list[str]  # "path: reason" of unreadable files
     excluded: int  # images left out because the benchmark uses them
     directory: Path
+    bad_names: int = 0  # image files skipped because their names are not valid UTF-8
+
 
     def __len__(self) -> int:
         return len(self.images)
@@ -43,8 +45,16 @@ class CalibrationSet:
             yield self.images[i: i + batch_size]
 
     def describe(self) -> dict:
-        return {"dir": str(self.directory), "images": len(self), "skipped_unreadable": len(self.skipped),
+        return {"dir": str(self.directory), "images": len(self), "skipped": len(self.skipped) + self.bad_names,
+                "skipped_unreadable": len(self.skipped), "skipped_bad_names": self.bad_names,
                 "excluded_benchmark_images": self.excluded, "size": int(self.images.shape[1])}
+
+    def summary(self) -> str:
+        """One line for the console: images used, files skipped and why."""
+        why = [f"{n} {what}" for n, what in ((len(self.skipped), "unreadable"),
+                                              (self.bad_names, "with a non-UTF-8 name")) if n]
+        return (f"calibration: {len(self)} images from {self.directory}, {len(self.skipped) + self.bad_names} "
+                f"skipped{' (' + ', '.join(why) + ')' if why else ''}")
 
 
 def calibration_order(paths: list[Path]) -> list[Path]:
@@ -62,7 +72,8 @@ def load_calibration(calib_dir: str | os.PathLike, spec: PreprocessSpec, count: 
     if not directory.is_dir():
         raise RdcdError(f"calibration path is not a folder: {directory}")
     exclude = set(exclude_names)
-    candidates = list_images(directory, recursive=recursive)
+    candidates = list_images(directory, recursive=recursive)  # skips (and warns about) non-UTF-8 names
+    bad_names = _image_files(directory, recursive) - len(candidates)
     kept = [p for p in candidates if p.name not in exclude]
     excluded = len(candidates) - len(kept)
     if excluded:
@@ -85,4 +96,9 @@ def load_calibration(calib_dir: str | os.PathLike, spec: PreprocessSpec, count: 
         raise RdcdError(f"only {len(images)} readable calibration images in {directory} (asked for {count}; "
                         f"{len(skipped)} unreadable, {excluded} left out because the benchmark uses them): "
                         "add images or lower --calib-count")
-    return CalibrationSet(np.stack(images), paths, skipped, excluded, directory)
+    return CalibrationSet(np.stack(images), paths, skipped, excluded, directory, max(bad_names, 0))
+
+
+def _image_files(directory: Path, recursive: bool) -> int:
+    it = directory.rglob("*") if recursive else directory.iterdir()
+    return sum(1 for p in it if is_image_name(p.name) and p.is_file())

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed, RdcdError
+from rdcd.manifest import MAX_DROP
 
 LIBRARY_LOG = "quantize-libraries.log"
 
@@ -26,6 +27,7 @@ LIBRARY_LOG = "quantize-libraries.log"
 def build_parser() -> cli.ArgumentParser:
     from rdcd.quantize.api import TARGETS
     from rdcd.quantize.calib import DEFAULT_CALIB_COUNT
+    from rdcd.quantize.preflight import drop_fraction
 
     p = cli.ArgumentParser(prog="rdcd-quantize", description=(
         "Add INT8 artifacts (ONNX QDQ for ONNX Runtime and TensorRT, Core ML W8A8/W8, OpenVINO INT8) to an "
@@ -33,12 +35,12 @@ def build_parser() -> cli.ArgumentParser:
         "most sensitive layers in float until the drop is within --max-drop."))
     p.add_argument("--exports", required=True, help="export directory with manifest.json and the FP32 model.onnx")
     p.add_argument("--calib-dir", required=True, help="folder of calibration images (real images, not the benchmark's)")
-    p.add_argument("--calib-count", type=int, default=DEFAULT_CALIB_COUNT,
+    p.add_argument("--calib-count", type=cli.positive_int, default=DEFAULT_CALIB_COUNT,
                    help=f"calibration images to use; fewer readable images is an error (default {DEFAULT_CALIB_COUNT})")
     p.add_argument("--benchmark", default=None,
                    help="DISC-layout benchmark for µAP; its source images are left out of calibration. "
                         "Without it accuracy is not measured and the fallback loop is off")
-    p.add_argument("--max-drop", type=float, default=0.005, help="largest allowed absolute µAP drop (default 0.005)")
+    p.add_argument("--max-drop", type=drop_fraction, default=MAX_DROP, help=f"largest allowed absolute µAP drop (default {MAX_DROP})")
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile"),
                    help="activation calibration; auto tries minmax, then percentile and entropy if the drop is too large")
     p.add_argument("--engine", default="auto", choices=("auto", "ort", "nncf"),
@@ -51,9 +53,9 @@ def build_parser() -> cli.ArgumentParser:
                    help="with --target onnx, skip the TensorRT QDQ input (symmetric int8 activations)")
     p.add_argument("--checkpoint", default=None,
                    help="the student run (needed for Core ML W8A8 and its simulation; default: the manifest's source)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads for evaluation runs (default 2)")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads for evaluation runs (default 2)")
     p.add_argument("--no-fallback", action="store_true", help="do not keep sensitive layers in float")
-    p.add_argument("--max-fallback-steps", type=int, default=8,
+    p.add_argument("--max-fallback-steps", type=cli.nonnegative_int, default=8,
                    help="re-quantizations the fallback loop may try per target (1, 2, 4, ... layers in float)")
     p.add_argument("--quantize-tail", action="store_true",
                    help="also quantize the GeM pooling / L2-normalisation tail (kept float by default)")
@@ -61,7 +63,7 @@ def build_parser() -> cli.ArgumentParser:
                    help="7-bit weights in the ONNX Runtime model (ORT's u8s8 kernels saturate on AVX2 CPUs without "
                         "VNNI): on the first conv only, on all layers, none; auto tries first, then all")
     p.add_argument("--no-codes", action="store_true", help="skip the int8/binary descriptor code evaluation")
-    p.add_argument("--latency", type=int, default=0, metavar="ITERS",
+    p.add_argument("--latency", type=cli.nonnegative_int, default=0, metavar="ITERS",
                    help="also time FP32 vs INT8 ONNX at batch 1 (ITERS runs x 3 rounds)")
     p.add_argument("--library-log", metavar="FILE",
                    help=f"where NNCF's, ONNX Runtime's and Core ML Tools' own logs go (default: EXPORTS/{LIBRARY_LOG}; "
@@ -100,8 +102,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cli.setup_logging(a.verbose)
     targets = parse_targets(a.target)
-    if a.calib_count < 1:
-        raise RdcdError(f"--calib-count must be at least 1, got {a.calib_count}")
+    if a.library_log:
+        cli.writable_file(a.library_log, "--library-log")
     from rdcd.logs import keep_library_logs, library_log_path
     from rdcd.quantize.api import quantize_export
 
@@ -118,6 +120,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
                            reduce_range=a.reduce_range, codes=not a.no_codes, latency_iters=a.latency,
                            command=command, raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
     print_summary(arts, a.exports, a.max_drop)
+    calib = next((x["calibration"] for x in arts if isinstance(x.get("calibration"), dict)), None)
+    if calib:
+        print(f"calibration: {calib['images']} images, {calib.get('skipped', 0)} skipped "
+              f"({calib.get('skipped_unreadable', 0)} unreadable, {calib.get('skipped_bad_names', 0)} non-UTF-8 names)")
     if library_log is not None:
         print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
     failed = [x for x in arts if x.get("accuracy") and x["accuracy"]["drop"] > a.max_drop]

@@ -30,7 +30,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError
-from rdcd.fsutil import atomic_path
+from rdcd.fsutil import atomic_path, temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +279,7 @@ class OnnxQuantizer:
         self.calib = np.ascontiguousarray(calib_images, dtype=np.uint8)
         self._tmp = None
         if workdir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="rdcd-quant.")
+            self._tmp = tempfile.TemporaryDirectory(prefix=temp_prefix("quantize-work"))
             workdir = self._tmp.name
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)

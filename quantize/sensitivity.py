@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from rdcd.errors import RdcdError
+from rdcd.fsutil import temp_prefix
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def layer_sensitivity(float_path: str | os.PathLike, qdq_path: str | os.PathLike
         if acts or weights:
             wanted[unit] = (acts, weights)
 
-    with tempfile.TemporaryDirectory(prefix="rdcd-sqnr.") as tmp:
+    with tempfile.TemporaryDirectory(prefix=temp_prefix("sqnr"), dir=Path(qdq_path).parent) as tmp:
         aug = Path(tmp) / "float.aug.onnx"
         modify_model_output_intermediate_tensors(str(float_path), str(aug))
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import os
 from pathlib import Path
+from typing import Iterable, Sequence
 
 from rdcd.errors import RdcdError
 from rdcd.imageio import list_images
@@ -72,42 +72,59 @@ def _split(folder: Path, required: bool) -> Split | None:
     return Split(ids, paths)
 
 
-def read_csv_rows(path: str | os.PathLike, columns: tuple[str, ...], min_columns: int | None = None) -> list[tuple[int, list[str]]]:
-    """Rows of a CSV with an optional header naming ``columns``; returns (line number, cells).
+def read_csv_rows(path: str | os.PathLike, columns: tuple[str, ...], min_columns: int | None = None,
+                  header: str = "optional") -> list[tuple[int, list[str]]]:
+    """Rows of a CSV whose header names ``columns``; returns (line number, cells).
 
-    Raises a one-line :class:`RdcdError` for unreadable files, wrong column counts or bad encoding.
+    ``header``: ``"optional"`` (a first row naming ``columns`` is skipped) or ``"required"`` (the first row
+    must name them: a foreign header such as ``query,reference`` is refused, never read as data). Quoted
+    cells may hold commas, quotes and newlines. Raises a one-line :class:`RdcdError` for unreadable files,
+    a wrong header, wrong column counts or bad encoding.
     """
     path = Path(path)
     if not path.is_file():
         raise RdcdError(f"CSV not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise RdcdError(f"{path} is not UTF-8 text") from None
     min_columns = min_columns or len(columns)
+    expected = ",".join(columns)
     rows = []
     try:
-        for lineno, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            cells = [c.strip() for c in row]
-            if lineno == 1 and [c.lower() for c in cells[: len(columns)]] == list(columns):
-                continue
-            if not (min_columns <= len(cells) <= len(columns)):
-                raise RdcdError(f"{path}:{lineno}: expected {len(columns)} columns "
-                                f"({','.join(columns)}), got {len(cells)}: {','.join(cells)[:80]!r}")
-            rows.append((lineno, cells + [""] * (len(columns) - len(cells))))
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh, strict=True)
+            first, start = True, 1
+            for row in reader:
+                lineno, start = start, reader.line_num + 1  # the line the record starts on
+                if not row or all(not c.strip() for c in row):
+                    continue
+                cells = [c.strip() for c in row]
+                if first:
+                    first = False
+                    if [c.lower() for c in cells] == list(columns):
+                        continue
+                    if header == "required":
+                        raise RdcdError(f"{path}:{lineno}: expected the header {expected}, got "
+                                        f"{','.join(cells)[:80]!r}")
+                if not (min_columns <= len(cells) <= len(columns)):
+                    raise RdcdError(f"{path}:{lineno}: expected {len(columns)} columns "
+                                    f"({expected}), got {len(cells)}: {','.join(cells)[:80]!r}")
+                rows.append((lineno, cells + [""] * (len(columns) - len(cells))))
+    except UnicodeDecodeError:
+        raise RdcdError(f"{path} is not UTF-8 text") from None
     except csv.Error as exc:
         raise RdcdError(f"{path}: malformed CSV: {exc}") from None
+    if first and header == "required":
+        raise RdcdError(f"{path} is empty: expected the header {expected}")
     return rows
 
 
 def read_ground_truth(path: str | os.PathLike) -> tuple[list[tuple[str, str]], set[str]]:
-    """Return (true pairs, every query id listed). Empty reference ids mark queries without a match."""
+    """Return (true pairs, every query id listed). Empty reference ids mark queries without a match.
+
+    The header ``query_id,reference_id`` is required (as in DISC2021's ``public_ground_truth.csv``): a file
+    with another first row would otherwise lose or invent a pair."""
     pairs: list[tuple[str, str]] = []
     listed: set[str] = set()
     seen: set[tuple[str, str]] = set()
-    for lineno, (q, r) in read_csv_rows(path, ("query_id", "reference_id"), min_columns=1):
+    for lineno, (q, r) in read_csv_rows(path, ("query_id", "reference_id"), min_columns=1, header="required"):
         if not q:
             raise RdcdError(f"{path}:{lineno}: empty query_id")
         listed.add(q)
@@ -115,6 +132,18 @@ def read_ground_truth(path: str | os.PathLike) -> tuple[list[tuple[str, str]], s
             seen.add((q, r))
             pairs.append((q, r))
     return pairs, listed
+
+
+def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> Path:
+    """Write a CSV atomically with the csv module (any id survives: commas, quotes, newlines)."""
+    from rdcd.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh, lineterminator="\n")
+            w.writerow(header)
+            w.writerows(rows)
+    return Path(path)
 
 
 def load_benchmark(root: str | os.PathLike, gt_path: str | os.PathLike | None = None) -> Benchmark:

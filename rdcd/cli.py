@@ -20,8 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from rdcd.errors import Interrupted, RdcdError
+from rdcd.fsutil import remove_stale_temps, temp_prefix
 
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: errno values that mean the disk (or a file size limit) is full.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _DENIED = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
@@ -77,30 +79,57 @@ nonnegative_int = _number(int, 0, "an integer >= 0")
 nonnegative_float = _number(float, 0.0, "a number >= 0")
 
 
-def writable_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
-    """Create ``path`` if needed and prove a file can be written there, before any work starts."""
+def writable_dir(path: str | os.PathLike, what: str = "output folder", clean: bool = False) -> Path:
+    """Prove that ``path`` is, or can be created as, a folder where files can be written - before any work
+    starts, and creating nothing (a run refused later leaves no empty folder behind). With ``clean``, the
+    temporaries that killed rdcd runs left in it (and beside it) are removed."""
     path = Path(path)
+    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    if path.exists() and not path.is_dir():
+        raise RdcdError(f"{what} {shown} exists and is not a folder")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RdcdError(f"{what} {shown} is not writable: {existing} is a file, not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".rdcd-write-probe.", dir=path)
+        fd, probe = tempfile.mkstemp(prefix=temp_prefix("write-probe"), dir=existing)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise RdcdError(f"{what} {path} is not writable: {_reason(exc)}") from None
+        raise RdcdError(f"{what} {shown} is not writable: {_reason(exc)}") from None
+    if clean:
+        _clean(path, inside=True)
     return path
 
 
-def writable_file(path: str | os.PathLike, what: str = "output file") -> Path:
-    """Check that ``path`` can be (re)written: its folder is writable and it is not a folder."""
+def writable_file(path: str | os.PathLike, what: str = "output file", clean: bool = False) -> Path:
+    """Check that ``path`` can be (re)written as a file (see :func:`writable_dir`); creates nothing."""
     path = Path(path)
     if path.is_dir():
         raise RdcdError(f"{what} {path} is a folder, not a file")
     writable_dir(path.parent, what=f"folder of the {what}")
+    if clean:
+        _clean(path, inside=False)
     return path
 
 
+def _clean(path: Path, inside: bool) -> None:
+    """Temporaries of killed runs beside ``path`` (atomic writes put them there) and, for a folder, in it."""
+    removed = remove_stale_temps(path.parent, recursive=False) if path.parent.is_dir() else []
+    if inside and path.is_dir():
+        removed += remove_stale_temps(path)
+    if removed:
+        logging.getLogger("rdcd").info("removed %d leftover temporaries of interrupted runs near %s",
+                                       len(removed), os.fsencode(path).decode("utf-8", "backslashreplace"))
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+
+
 def _reason(exc: OSError) -> str:
-    if exc.errno in _FULL:
+    if exc.errno in FULL_ERRNOS:
         return "no space left on the device (disk full or file size limit)"
     if exc.errno in _DENIED:
         return "permission denied"
@@ -110,7 +139,7 @@ def _reason(exc: OSError) -> str:
 def describe_os_error(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else ""
     name = os.fsencode(name).decode("utf-8", "backslashreplace") if name else ""
-    if exc.errno in _FULL:
+    if exc.errno in FULL_ERRNOS:
         return f"disk full while writing {name or 'output'}: free space and run again" \
                " (completed outputs are kept; nothing half-written is left)"
     if exc.errno in _DENIED:

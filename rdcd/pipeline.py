@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from rdcd import cli
 from rdcd.errors import RdcdError
+from rdcd.manifest import MAX_DROP
 
 log = logging.getLogger("rdcd.demo")
 
@@ -125,7 +126,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--cache-views", type=cli.positive_int, default=2,
                    help="cached views per training image (default 2: the head stage contrasts two views of an image)")
     p.add_argument("--calib-count", type=cli.positive_int, default=300, help="INT8 calibration images (default 300)")
-    p.add_argument("--max-drop", type=cli.nonnegative_float, default=0.005, help="gate: largest INT8 µAP drop (default 0.005)")
+    p.add_argument("--max-drop", type=cli.nonnegative_float, default=MAX_DROP, help=f"gate: largest INT8 µAP drop (default {MAX_DROP})")
     p.add_argument("--stages", default="bench,baselines,distill,export,quantize,validate",
                    help="comma list of stages to run (default: all)")
     return p
@@ -145,6 +146,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from rdcd.validate.demo import DemoConfig, build_demo
 
     out = cli.writable_dir(a.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
     from rdcd.logs import keep_library_logs
 
     library_log = keep_library_logs(out / "libraries.log")  # NNCF, ONNX Runtime, Core ML Tools, warnings

@@ -57,6 +57,24 @@ def student_onnx(student_run: Path) -> Path:
     return out
 
 
+def onnx_export_dir(student_run: Path, folder: Path) -> Path:
+    """``folder`` as a one-artifact export directory: the session's student ONNX (``onnx-fp32``) and its
+    ``manifest.json``, as rdcd-export would write them (without running the exporter)."""
+    import shutil
+
+    from rdcd.manifest import Manifest, io_spec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(student_onnx(student_run), folder / "model.onnx")
+    man = Manifest(folder)
+    man.data["preprocess"] = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
+    inp, out = io_spec(TEST_SIZE, 128)
+    man.upsert({"name": "onnx-fp32", "target": "onnx", "precision": "fp32", "path": "model.onnx",
+                "runtime": "onnxruntime", "input": inp, "output": out, "produced_by": {"tool": "tests"}, "status": "ok"})
+    man.save()
+    return folder
+
+
 def fake_trtexec(bin_dir: Path, version: str, log: Path) -> dict:
     """A stand-in ``trtexec`` that reports TensorRT ``version`` and logs its command lines to ``log``
     (for testing the build scripts rdcd writes; not TensorRT). Returns an environment with it on PATH."""

@@ -212,7 +212,7 @@ def test_unrunnable_rows_are_not_checked_and_require_fails(models, tiny_bench, t
     if mlpackage:
         shutil.copytree(mlpackage, exports / "coreml.mlpackage")
     report = tmp_path / "report"
-    args = ["--benchmark", str(tiny_bench), "--exports", str(exports)]
+    args = ["--benchmark", str(tiny_bench), "--exports", str(exports), "--allow-empty"]
     # not checkable is not a failure by default, but it is listed as such, never as passing
     assert gate(*args, "--report", str(report)) == 0
     out = capsys.readouterr().out
@@ -264,7 +264,7 @@ def test_simulated_core_ml_rows(tiny_bench, tmp_path, capsys):
 
     bad = make_exports(tmp_path / "bad", [coreml("coreml-w8a8", "w8a8", acc(0.70))], {})
     assert gate("--benchmark", str(tiny_bench), "--exports", str(bad)) == 1
-    assert "simulated µAP drop 0.1000 > max 0.01" in capsys.readouterr().err
+    assert "simulated µAP drop 0.1000 > max 0.005" in capsys.readouterr().err
 
 
 def test_artifacts_that_fail_are_failures(models, tiny_bench, tmp_path, capsys):

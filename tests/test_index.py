@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE, student_onnx
+from conftest import TEST_SIZE, onnx_export_dir
 
 from rdcd.fsutil import sha256
-from rdcd.manifest import Manifest, io_spec
 from rdcd.validate.cli import main as validate_main
 from rdcd.validate.index_cli import main as index_main
 
@@ -31,15 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def exports(student_run, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("index-exports")
-    shutil.copy2(student_onnx(student_run), folder / "model.onnx")
-    man = Manifest(folder)
-    man.data["preprocess"] = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
-    inp, out = io_spec(TEST_SIZE, 128)
-    man.upsert({"name": "onnx-fp32", "target": "onnx", "precision": "fp32", "path": "model.onnx",
-                "runtime": "onnxruntime", "input": inp, "output": out, "produced_by": {"tool": "tests"}, "status": "ok"})
-    man.save()
-    return folder
+    return onnx_export_dir(student_run, tmp_path_factory.mktemp("index-exports"))
 
 
 @pytest.fixture(scope="module")

@@ -296,12 +296,15 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     model = Path(args.model)
     if not model.exists():
         raise RdcdError(f"model not found: {model}")
+    from rdcd.validate.bench_checks import check_batch_memory, check_fixed_size
     from rdcd.validate.runtimes import device_info, load_runner
 
     data, entries = _find_manifest_entries(model)
     runner = load_runner(model, runtime=args.runtime, threads=args.threads)
     entry = _pick_entry(entries, getattr(runner, "name", args.runtime))
+    check_fixed_size(model, args.size, _size_from_runner(runner))
     size, size_from = resolve_size(runner, model, args.size, data, entry)
+    check_batch_memory(args.batch, size, model)
     batches, input_desc = make_inputs(size, args.batch, args.images, args.seed)
     out = runner(batches[0])
     if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != args.batch:
@@ -354,6 +357,7 @@ def _now() -> str:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    cli.writable_file(args.json_out, "--json", clean=True)
     record = run_bench(args, argv)
     from rdcd.fsutil import write_json
 

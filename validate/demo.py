@@ -22,7 +22,8 @@ from PIL import Image
 
 from rdcd.edits import random_edit_chain
 from rdcd.errors import ImageReadError, RdcdError
-from rdcd.fsutil import atomic_path, write_json, write_text
+from rdcd.benchmark import write_csv
+from rdcd.fsutil import atomic_path, write_json
 from rdcd.imageio import list_images, read_rgb
 
 log = logging.getLogger(__name__)
@@ -147,44 +148,49 @@ def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), fo
     with atomic_path(out_dir, suffix="") as tmp:
         for sub in ("references", "queries", "training"):
             (tmp / sub).mkdir(parents=True)
-        gt = ["query_id,reference_id"]
-        src = ["role,id,source,edits"]
+        gt: list[tuple[str, str]] = []
+        src: list[tuple[str, str, str, str]] = []
         qn = 0
         for k, i in enumerate(refs):
             rid = f"R{k:06d}"
             name, im = images[i]
             im.save(tmp / "references" / f"{rid}.jpg", quality=95)
-            src.append(f"reference,{rid},{_csv(name)},")
+            src.append(("reference", rid, name, ""))
         for k, i in enumerate(train):
             tid = f"T{k:06d}"
             images[i][1].save(tmp / "training" / f"{tid}.jpg", quality=95)
-            src.append(f"training,{tid},{_csv(images[i][0])},")
+            src.append(("training", tid, images[i][0], ""))
         jobs = [(i, refs.index(i)) for i in positives for _ in range(config.queries_per_ref)] + [(i, None) for i in negs]
         for i, ref_k in jobs:
             qid = f"Q{qn:05d}"
             qn += 1
             edited, names = random_edit_chain(images[i][1], rng, backgrounds=backgrounds)
             edited.save(tmp / "queries" / f"{qid}.jpg", quality=90)
-            gt.append(f"{qid},{'' if ref_k is None else f'R{ref_k:06d}'}")
-            src.append(f"{'query' if ref_k is not None else 'negative'},{qid},{_csv(images[i][0])},{'+'.join(names)}")
-        write_text(tmp / "ground_truth.csv", "\n".join(gt) + "\n")
-        write_text(tmp / "sources.csv", "\n".join(src) + "\n")
+            gt.append((qid, "" if ref_k is None else f"R{ref_k:06d}"))
+            src.append(("query" if ref_k is not None else "negative", qid, images[i][0], "+".join(names)))
+        write_csv(tmp / "ground_truth.csv", ("query_id", "reference_id"), gt)
+        write_csv(tmp / "sources.csv", ("role", "id", "source", "edits"), src)
         write_json(tmp / CONFIG, _config_dict(config))
     log.info("benchmark written to %s: %d references, %d queries (%d negative), %d training",
              out_dir, len(refs), qn, len(negs), len(train))
     return out_dir
 
 
-def _csv(s: str) -> str:
-    return f'"{s}"' if ("," in s or '"' in s) else s
-
-
 def used_sources(bench: str | os.PathLike) -> set[str]:
-    """Source image paths a benchmark was built from (to keep them out of training)."""
+    """Source image file names a benchmark was built from (its ``sources.csv``, column ``source``; to keep
+    them out of training). A file without that column, or not UTF-8 CSV, is a one-line error."""
+    import csv
+
     path = Path(bench) / "sources.csv"
     if not path.exists():
         return set()
-    import csv
-
-    with open(path, newline="") as fh:
-        return {Path(row["source"]).name for row in csv.DictReader(fh)}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh, strict=True)
+            if not reader.fieldnames or "source" not in reader.fieldnames:
+                raise RdcdError(f"{path} has no 'source' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")
+            return {Path(src).name for row in reader if (src := (row.get("source") or "").strip())}
+    except UnicodeDecodeError:
+        raise RdcdError(f"{path} is not UTF-8 text") from None
+    except csv.Error as exc:
+        raise RdcdError(f"{path}: malformed CSV: {exc}") from None

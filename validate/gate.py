@@ -1,4 +1,4 @@
-"""The INT8 accuracy gate: ``rdcd-validate [gate] --benchmark B --exports DIR [--max-drop 0.01]``.
+"""The INT8 accuracy gate: ``rdcd-validate [gate] --benchmark B --exports DIR [--max-drop 0.005]``.
 
 Every artifact of an export directory (its ``manifest.json``) is run on a DISC-layout benchmark with
 its own runtime: µAP, R@P90 and acc@1 (ISC2021 rules), Δ µAP against its FP32 reference
@@ -7,8 +7,9 @@ row ends ✅ (checked), ❎ (not checkable here, with the reason: never a pass) 
 reason). Exit codes:
 
 * 1 when an INT8-class artifact (precision int8 / w8a8 / w8) loses more µAP than ``--max-drop``
-  (absolute, or relative with ``--drop-type relative``), when an artifact fails to run, or when a
-  ``--require TARGET`` has no checked artifact;
+  (default 0.005, the project's one budget; absolute, or relative with ``--drop-type relative``), when
+  an artifact fails to run, when a ``--require TARGET`` has no checked artifact, or when the manifest
+  has no INT8-class artifact at all ("nothing to gate", unless ``--allow-empty``);
 * 2 on bad usage or input (no manifest, malformed manifest, missing benchmark, bad bench JSON);
 * 0 otherwise.
 
@@ -33,7 +34,7 @@ import numpy as np
 
 from rdcd import cli
 from rdcd.errors import GateFailed, MissingDependency, RdcdError, RuntimeUnavailable
-from rdcd.manifest import PRECISIONS, TARGETS, Manifest
+from rdcd.manifest import MAX_DROP, PRECISIONS, TARGETS, Manifest
 
 INT8_CLASS = ("int8", "w8a8", "w8")
 OK, NOT_CHECKED, FAILED = "ok", "not_checked", "failed"
@@ -48,35 +49,26 @@ def build_parser() -> cli.ArgumentParser:
                     "Δ vs FP32, size, latency) and fail (exit 1) when an INT8 artifact loses too much µAP.")
     p.add_argument("--benchmark", required=True, help="DISC-layout benchmark folder (references/, queries/, ground_truth.csv)")
     p.add_argument("--exports", required=True, help="export directory with manifest.json (rdcd-export / rdcd-quantize)")
-    p.add_argument("--max-drop", type=float, default=0.01, help="largest allowed µAP drop of an INT8 artifact (default 0.01)")
+    p.add_argument("--max-drop", type=float, default=MAX_DROP,
+                   help=f"largest allowed µAP drop of an INT8 artifact (default {MAX_DROP})")
     p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute",
                    help="absolute: fp32 - int8 µAP; relative: (fp32 - int8) / fp32 (default absolute)")
     p.add_argument("--require", action="append", default=[], choices=TARGETS, metavar="TARGET",
                    help=f"a target ({', '.join(TARGETS)}) that must be checked here: not checkable = failure (repeatable)")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="exit 0 when the manifest has no INT8 artifact (default: 'nothing to gate', exit 1)")
     p.add_argument("--report", default=None, metavar="OUT",
                    help="write OUT/report.md, OUT/report.json, OUT/pr_curve.png, OUT/latency.png")
     p.add_argument("--bench-json", action="append", default=[], metavar="FILE",
                    help="rdcd-bench results from a device, merged as a latency column (repeatable)")
-    p.add_argument("--k", type=int, default=10, help="neighbours per query (ISC2021: 10)")
+    p.add_argument("--k", type=cli.positive_int, default=10, help="neighbours per query (ISC2021: 10)")
     p.add_argument("--whiten", action="store_true", help="PCA-whitening fitted on the benchmark's training/")
     p.add_argument("--score-norm", default=None, help="e.g. 1.0[0,2]: SSCD score normalisation on training/")
-    p.add_argument("--batch-size", type=int, default=32, help="batch size for descriptor extraction")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per runtime (default 2)")
-    p.add_argument("--latency-iters", type=int, default=100, help="timed batch-1 calls per artifact (default 100)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing (default 10)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="batch size for descriptor extraction")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads per runtime (default 2)")
+    p.add_argument("--latency-iters", type=cli.positive_int, default=100, help="timed batch-1 calls per artifact (default 100)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=10, help="untimed calls before timing (default 10)")
     return p
-
-
-def _check_args(a) -> None:
-    if not (a.max_drop >= 0) or not np.isfinite(a.max_drop):
-        raise RdcdError(f"--max-drop must be a number >= 0, got {a.max_drop}")
-    for name, low in (("k", 1), ("batch_size", 1), ("threads", 1), ("latency_iters", 1), ("warmup", 0)):
-        if getattr(a, name) < low:
-            raise RdcdError(f"--{name.replace('_', '-')} must be >= {low}")
-    if a.score_norm:
-        from rdcd.validate.search import ScoreNorm
-
-        ScoreNorm.parse(a.score_norm)
 
 
 def check_manifest(manifest: Manifest) -> None:
@@ -436,23 +428,16 @@ def _interval(row: dict, predictions: dict, bench, cfg) -> None:
 # -------------------------------------------------------------------------------------------- mains
 def gate_main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    _check_args(a)
     from rdcd.benchmark import load_benchmark
     from rdcd.validate import report as rep
     from rdcd.validate.bench import load_average
+    from rdcd.validate.gate_checks import check_gate_inputs
     from rdcd.validate.runtimes import device_info
 
     manifest = Manifest.load(a.exports)
     check_manifest(manifest)
     bench = load_benchmark(a.benchmark)
-    if a.report:
-        rep.require_plotting()
-        out = Path(a.report)
-        if out.exists() and not out.is_dir():
-            raise RdcdError(f"--report {out} exists and is not a folder")
-    devices = [rep.load_bench_json(f) for f in a.bench_json]
-    for d in devices:  # fail fast, before minutes of evaluation, on a bench JSON that matches nothing
-        rep.match_rows(manifest.artifacts, d, base=manifest.dir)
+    devices = check_gate_inputs(a, manifest)  # before minutes of evaluation: outputs, bench JSONs, INT8 rows
     t0 = time.perf_counter()
     result = evaluate_manifest(bench, manifest, a)
     report = {
@@ -492,6 +477,7 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
 
     out, report = rep.load_report(a.report)
     rep.require_plotting()
+    cli.writable_dir(out, "--report", clean=True)
     devices = [rep.load_bench_json(f) for f in a.bench_json]
     for d in devices:
         rep.merge_device(report, d)

@@ -52,6 +52,7 @@ def _build(a) -> int:
             raise RdcdError(f"--out {out} exists and is not an rdcd index")
         if (out / META_FILE).is_file() and not a.force:
             raise RdcdError(f"index {out} exists: pass --force to rebuild it, or use rdcd-index add")
+    cli.writable_dir(out, "--out", clean=True)
     if a.ivf not in ("auto", "off") and not (a.ivf.isdigit() and int(a.ivf) >= 1):
         raise RdcdError(f"--ivf must be auto, off or a number of lists >= 1, not {a.ivf!r}")
     if a.uri:
@@ -125,6 +126,7 @@ def _add(a) -> int:
 def _search(a) -> int:
     if a.k < 1:
         raise RdcdError("--k must be >= 1")
+    cli.writable_file(a.out, "--out", clean=True)
     meta, store = _open(a)
     runner, spec, model = _model_for(a, meta)
     thr = resolve_threshold(a.threshold, meta, model, a.report)

@@ -138,7 +138,7 @@ def _true_pair_ranks(preds: Predictions, gt: set[tuple[str, str]]) -> np.ndarray
 
 
 def read_predictions(path: str | os.PathLike) -> Predictions:
-    """Read ``query_id,reference_id,score`` (header optional); malformed rows are one-line errors."""
+    """Read ``query_id,reference_id,score`` (header optional); malformed rows are one-line errors with the line."""
     from rdcd.benchmark import read_csv_rows
 
     rows = []
@@ -148,16 +148,27 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
         try:
             score = float(s)
         except ValueError:
-            raise RdcdError(f"{path}:{lineno}: score {s!r} is not a number") from None
+            hint = " (the header must be query_id,reference_id,score)" if lineno == 1 else ""
+            raise RdcdError(f"{path}:{lineno}: score {s!r} is not a number{hint}") from None
         if not math.isfinite(score):
             raise RdcdError(f"{path}:{lineno}: score {s!r} is not finite")
         rows.append((q, r, score))
     return Predictions.from_rows(rows)
 
 
-def write_predictions(path: str | os.PathLike, preds: Predictions) -> None:
-    from rdcd.fsutil import write_text
+def check_alignment(preds: Predictions, listed: set[str], pred_path: str = "the predictions",
+                    gt_path: str = "the ground truth") -> None:
+    """Refuse predictions and ground truth that share no query id (another benchmark, swapped files):
+    their micro-AP of 0 would be a meaningless result, not a measurement."""
+    pred_q = set(preds.queries.tolist())
+    if pred_q and listed and not pred_q & listed:
+        raise RdcdError(f"none of the {len(pred_q)} query ids of {pred_path} (e.g. {sorted(pred_q)[:2]}) is in "
+                        f"{gt_path} ({len(listed)} query ids, e.g. {sorted(listed)[:2]}): they are not about the "
+                        f"same queries")
 
-    lines = ["query_id,reference_id,score"]
-    lines += [f"{q},{r},{s:.9g}" for q, r, s in zip(preds.queries, preds.references, preds.scores)]
-    write_text(path, "\n".join(lines) + "\n")
+
+def write_predictions(path: str | os.PathLike, preds: Predictions) -> None:
+    from rdcd.benchmark import write_csv
+
+    write_csv(path, ("query_id", "reference_id", "score"),
+              ((q, r, f"{s:.9g}") for q, r, s in zip(preds.queries, preds.references, preds.scores)))

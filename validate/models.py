@@ -20,6 +20,36 @@ from rdcd.errors import RdcdError
 from rdcd.preprocess import PreprocessSpec
 
 
+def _student_spec(spec: str) -> tuple[str, int]:
+    """``student:BACKBONE[:DIM]`` -> (backbone, dim); a bad spec is one clear error."""
+    parts = spec.split(":")
+    if len(parts) > 3 or not parts[1].strip():
+        raise ValueError(f"{spec!r}: expected student:BACKBONE[:DIM], e.g. student:efficientnet_lite0:128")
+    dim = 128
+    if len(parts) == 3:
+        try:
+            dim = int(parts[2])
+        except ValueError:
+            raise ValueError(f"{spec!r}: the descriptor size {parts[2]!r} is not an integer") from None
+        if dim < 1:
+            raise ValueError(f"{spec!r}: the descriptor size must be a positive integer, not {dim}")
+    return parts[1], dim
+
+
+def model_spec(text: str) -> str:
+    """argparse ``type=`` for ``--model``: the ``student:BACKBONE[:DIM]`` form is checked at parse time."""
+    import argparse
+
+    if text.startswith("student:"):
+        try:
+            _student_spec(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    elif not text.strip():
+        raise argparse.ArgumentTypeError("an empty model name")
+    return text
+
+
 def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", threads: int | None = None,
                   device: str = "cpu") -> tuple[Callable, PreprocessSpec, str]:
     if spec in ("teacher", "sscd-onnx") or spec.endswith((".pt", ".torchscript")):
@@ -39,9 +69,11 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
     if spec.startswith("student:"):
         from rdcd.model import StudentConfig, TorchEmbedder, build_student
 
-        parts = spec.split(":")
-        cfg = StudentConfig(backbone=parts[1], dim=int(parts[2]) if len(parts) > 2 else 128,
-                            input_size=size or 224)
+        try:
+            backbone, dim = _student_spec(spec)
+        except ValueError as exc:
+            raise RdcdError(str(exc)) from None
+        cfg = StudentConfig(backbone=backbone, dim=dim, input_size=size or 224)
         import torch
 
         torch.manual_seed(0)

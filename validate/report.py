@@ -91,11 +91,29 @@ def match_rows(rows: list[dict], rec: dict, base: Path | None = None) -> tuple[l
     ]
     for how, test in tests:
         hits = [r for r in rows if test(r)]
+        if hits and how != "sha256":
+            hits = _same_file(hits, rec, base)
         if hits:
             same = [r for r in hits if r.get("runtime") == runtime]
             return (same or hits[:1]), how
     raise RdcdError(f"{rec.get('source', 'bench JSON')}: {name} (sha256 {str(model.get('sha256'))[:12]}…) matches no "
                     f"artifact of the report/manifest by sha256, artifact name or file name")
+
+
+def _same_file(hits: list[dict], rec: dict, base: Path | None) -> list[dict]:
+    """Rows matched by name that may be the benched file: a row of the same file type whose sha256 differs
+    is another file (another export under the same name) and is refused, never merged."""
+    model = rec["model"]
+    sha, suffix = model.get("sha256"), Path(str(model.get("name"))).suffix
+    if not sha:
+        return hits
+    ok = [r for r in hits if Path(r["path"]).suffix != suffix or _row_sha(r, base) in (None, sha)]
+    if ok:
+        return ok
+    r = hits[0]
+    raise RdcdError(f"{rec.get('source', 'bench JSON')}: {model.get('name')} (sha256 {str(sha)[:12]}…) has the name "
+                    f"of artifact {r.get('name')} ({r['path']}, sha256 {str(_row_sha(r, base))[:12]}…) but not its "
+                    f"content: it benched another file; bench the report's file")
 
 
 def merge_device(report: dict, rec: dict) -> list[str]:
@@ -282,10 +300,7 @@ def markdown(report: dict) -> str:
 
 # -------------------------------------------------------------------------------------------- plots
 def _savefig(fig, path: Path) -> None:
-    from rdcd.fsutil import atomic_path
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_pr(report: dict, path: Path) -> None:
@@ -354,13 +369,19 @@ def plot_latency(report: dict, path: Path) -> None:
 
 
 def write_report(report: dict, out: str | os.PathLike) -> list[Path]:
-    from rdcd.fsutil import write_json, write_text
+    """All four files or none: each is written to a temporary first, and all are renamed into place only
+    when every one was written (a full disk leaves the previous report, and no temporaries)."""
+    import contextlib
+
+    from rdcd.fsutil import atomic_path, json_text
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "pr_curve.png", out / "latency.png"]
-    plot_pr(report, paths[2])
-    plot_latency(report, paths[3])
-    write_text(paths[1], markdown(report))
-    write_json(paths[0], report)
+    with contextlib.ExitStack() as stack:
+        tmp = [stack.enter_context(atomic_path(p)) for p in paths]
+        plot_pr(report, tmp[2])
+        plot_latency(report, tmp[3])
+        tmp[1].write_text(markdown(report), encoding="utf-8")
+        tmp[0].write_text(json_text(report), encoding="utf-8")
     return paths

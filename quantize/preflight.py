@@ -1,0 +1,111 @@
+"""What rdcd-quantize checks before any work, and where its temporaries live.
+
+* argparse types for its numbers (``--max-drop`` in [0, 1), NaN refused), the options of ``quantize_export``;
+* the export folder: writable, the leftovers of killed runs (``kill -9``) removed;
+* the FP32 ONNX model: a readable model, not random bytes, an empty file or a truncated copy;
+* the work folder, named with :func:`rdcd.fsutil.temp_prefix`, which also holds the temporaries of the
+  libraries (ONNX Runtime's, NNCF's and Core ML Tools' ``tempfile`` use), so nothing is left behind.
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from rdcd import cli
+from rdcd.errors import RdcdError
+from rdcd.fsutil import sha256, temp_prefix
+from rdcd.imageio import printable
+
+log = logging.getLogger(__name__)
+
+WORK = "quantize-work"
+
+
+def drop_fraction(text: str) -> float:
+    """argparse ``type=`` of ``--max-drop``: an absolute µAP drop in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a µAP drop in [0, 1)")
+    return value
+
+
+drop_fraction.__name__ = "a µAP drop in [0, 1)"
+
+
+def check_options(method: str, reduce_range: str, engine: str, max_drop: float, methods: Sequence[str]) -> None:
+    """The options of ``quantize_export`` (the API, also used by ``rdcd-export --int8``)."""
+    if method != "auto" and method not in methods:
+        raise RdcdError(f"unknown calibration method {method!r}: choose from auto, {', '.join(methods)}")
+    if reduce_range not in ("auto", "first", "all", "none"):
+        raise RdcdError(f"reduce_range must be auto, first, all or none, not {reduce_range!r}")
+    if engine not in ("auto", "ort", "nncf"):
+        raise RdcdError(f"unknown engine {engine!r}: choose from auto, ort, nncf")
+    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 <= max_drop < 1):
+        raise RdcdError(f"--max-drop must be in [0, 1), got {max_drop}")
+
+
+def prepare_export_dir(directory: str | os.PathLike) -> Path:
+    """Prove ``directory`` writable and remove the temporaries of killed rdcd runs in it."""
+    return cli.writable_dir(directory, "export folder", clean=True)
+
+
+@contextlib.contextmanager
+def work_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """A temporary work folder in ``directory`` (``.quantize-work.rdcd-<pid>.*``), removed on exit; while it
+    exists the libraries' temporary files go there too, so a later run removes them after a ``kill -9``."""
+    previous = tempfile.tempdir
+    with tempfile.TemporaryDirectory(prefix=temp_prefix(WORK), dir=directory) as work:
+        tempfile.tempdir = work
+        try:
+            yield Path(work)
+        finally:
+            tempfile.tempdir = previous
+
+
+def check_onnx(path: str | os.PathLike, recorded_sha256: str | None = None) -> Path:
+    """``path`` is a readable ONNX model that ONNX Runtime can load, or RdcdError naming the file."""
+    path = Path(path)
+    name = printable(path)
+    hint = "re-run rdcd-export --target onnx"
+    if not path.is_file():
+        raise RdcdError(f"FP32 ONNX model {name} is not a file: {hint}")
+    if path.stat().st_size == 0:
+        raise RdcdError(f"FP32 ONNX model {name} is empty (0 bytes): {hint}")
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as exc:
+        from rdcd.errors import MissingDependency
+
+        raise MissingDependency(exc.name or "onnx", "pip install 'rdcd[onnx]'") from None
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        if not (proto.graph.node and proto.graph.input and proto.graph.output):
+            raise ValueError("no graph (nodes, inputs and outputs) in the file")
+        onnx.checker.check_model(proto)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.log_severity_level = 4
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnx, protobuf and onnxruntime raise many types for a damaged file
+        why = (str(exc).strip().splitlines() or [""])[0][:160]
+        changed = ""
+        if recorded_sha256 and sha256(path) != recorded_sha256:
+            changed = "; it has changed since rdcd-export wrote it (sha256 differs from the manifest's)"
+        raise RdcdError(f"FP32 ONNX model {name} is not a readable ONNX model ({type(exc).__name__}: {why}){changed}: "
+                        f"{hint}") from None
+    return path

@@ -1,0 +1,32 @@
+"""What the gate checks before it evaluates anything (minutes of work): its settings, its outputs, the bench
+JSONs to merge, and that the manifest has something to gate. No torch here."""
+
+from __future__ import annotations
+
+import math
+
+from rdcd import cli
+from rdcd.errors import GateFailed, RdcdError
+
+
+def check_gate_inputs(a, manifest) -> list[dict]:
+    """Raise before any evaluation; returns the loaded ``--bench-json`` records."""
+    from rdcd.validate import report as rep
+    from rdcd.validate.gate import INT8_CLASS
+
+    if not (math.isfinite(a.max_drop) and a.max_drop >= 0):
+        raise RdcdError(f"--max-drop must be a finite number >= 0, not {a.max_drop}")
+    if a.score_norm:
+        from rdcd.validate.search import ScoreNorm
+
+        ScoreNorm.parse(a.score_norm)
+    if a.report:
+        rep.require_plotting()
+        cli.writable_dir(a.report, "--report", clean=True)
+    devices = [rep.load_bench_json(f) for f in a.bench_json]
+    for d in devices:  # a bench JSON that matches nothing (or another file of the same name) fails now
+        rep.match_rows(manifest.artifacts, d, base=manifest.dir)
+    if not a.allow_empty and not any(art.get("precision") in INT8_CLASS for art in manifest.artifacts):
+        raise GateFailed(f"nothing to gate: {manifest.path} has no INT8 artifact (precision "
+                         f"{', '.join(INT8_CLASS)}); pass --allow-empty to evaluate it anyway")
+    return devices
