@@ -172,6 +172,16 @@ def training_checkpoint(checkpoint: str | os.PathLike) -> Path | None:
     return None
 
 
+def load_run_student(checkpoint: str | os.PathLike):
+    """The student of a run (eval mode): its final weights, or its training checkpoint when it was interrupted."""
+    training = training_checkpoint(checkpoint)
+    if training is not None:
+        return load_training_checkpoint(training)[0]
+    from rdcd.model import load_student
+
+    return load_student(checkpoint)
+
+
 def load_training_checkpoint(path: str | os.PathLike):
     """(student in eval mode, step) from an ``rdcd-distill`` ``checkpoint.pt``: tensors only
     (``weights_only``), its model settings from the training config it records."""

@@ -138,9 +138,9 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
                         "(the manifest names no checkpoint that exists here)")
     student = None
     if "coreml" in targets:
-        from rdcd.model import load_student
+        from rdcd.export.source import load_run_student
 
-        student = load_student(ck)
+        student = load_run_student(ck)
         whitening = (manifest.data.get("source") or {}).get("model", {}).get("whitening")
         if isinstance(whitening, dict):  # rdcd-export --whiten-on: fold the same whitening into the student
             from rdcd.export.source import folder_sha256

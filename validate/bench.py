@@ -6,13 +6,13 @@ with only the runtime installed: this module imports numpy, the standard library
 when ``--images`` is given. ::
 
     rdcd-bench --model exports/model.onnx --json bench.json [--runtime auto|onnxruntime|tensorrt|coreml|openvino]
-               [--batch 1] [--warmup 20] [--iters 200] [--threads N] [--size S] [--images DIR] [--label TEXT]
+               [--batch-size 1] [--warmup 20] [--iters 200] [--threads N] [--size S] [--images DIR] [--label TEXT]
 
 The input size comes from ``--size``, else the ``manifest.json`` beside the model (or one folder
 up), else the ONNX metadata (``rdcd.preprocess`` / ``rdcd.input_size``), else the runtime's static
 input shape. Inputs are random uint8 RGB images (fixed seed) or real ones from ``--images``.
 
-Measured per call of the runner (a batch of ``--batch`` images, host arrays in and out, so for GPU
+Measured per call of the runner (a batch of ``--batch-size`` images, host arrays in and out, so for GPU
 runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
 throughput in images/s. For TensorRT also the GPU compute time alone (``gpu_compute_ms``: CUDA
 events around ``execute_async_v3`` with the input already on the device, as trtexec reports it); a
@@ -23,6 +23,7 @@ and version, threads, batch and the model's sha256, so that ``rdcd-validate --be
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -273,7 +274,8 @@ def build_parser() -> cli.ArgumentParser:
                                        "(no torch needed). Writes a JSON that rdcd-validate can merge into its report.")
     p.add_argument("--model", required=True, help=".onnx, .xml (OpenVINO), .engine/.plan (TensorRT) or .mlpackage")
     p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help="default: from the file type")
-    p.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--batch-size", dest="batch", type=int, default=1, help="images per call (default 1)")
+    p.add_argument("--batch", dest="batch", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=20, help="untimed calls first (default 20)")
     p.add_argument("--iters", type=int, default=200, help="timed calls (default 200)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")

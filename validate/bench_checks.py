@@ -1,5 +1,5 @@
 """``rdcd-bench`` checks made after the model is loaded and before anything is allocated or timed: ``--size``
-against a model's fixed input size, and ``--batch`` against the memory this machine has. **No torch.**"""
+against a model's fixed input size, and ``--batch-size`` against the memory this machine has. **No torch.**"""
 
 from __future__ import annotations
 
@@ -64,6 +64,6 @@ def check_batch_memory(batch: int, size: int, model: Path) -> None:
     need, usable = batch_bytes(batch, size), int(avail * USABLE_SHARE)
     if need > usable:
         fits = max(1, usable // batch_bytes(1, size))
-        raise RdcdError(f"--batch {batch} at {size} x {size} needs about {need / 2**30:.1f} GiB for {model.name} "
-                        f"(estimate), but only {avail / 2**30:.1f} GiB of memory is available: use --batch {fits} "
+        raise RdcdError(f"--batch-size {batch} at {size} x {size} needs about {need / 2**30:.1f} GiB for {model.name} "
+                        f"(estimate), but only {avail / 2**30:.1f} GiB of memory is available: use --batch-size {fits} "
                         f"or less")

@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-h", "--help") and len(argv) == 1:
-        print(__doc__)
+        print(cli.plain_text(__doc__))
         return 0
     if argv and argv[0] in SUBCOMMANDS:
         cmd, rest = argv[0], argv[1:]
