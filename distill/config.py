@@ -1,4 +1,12 @@
-"""The settings of one training run (:class:`TrainConfig`) and their checks.
+"""The settings of one training run (:class:`TrainConfig`): every default, help text and lower bound in
+one place, the field itself. ``rdcd-distill``'s options are generated from these fields
+(:func:`rdcd.distill.cli.build_parser`), a recipe (:data:`RECIPES`) overrides only what differs, and
+:func:`from_options` turns parsed options into a config.
+
+The config stays flat (one level of fields): ``checkpoint.pt``'s ``config``, ``train_config.json`` and
+``config.json``'s ``training`` record it as it is, and ``--resume`` compares it field by field, so runs
+written before keep loading. The fields are grouped (``data``, ``model``, ``optimisation``, ``losses``,
+``head stage``, ``run``) by their metadata, which orders ``--help``.
 
 ``validate`` refuses, with one line, every value the trainer cannot use; the command line already
 rejects negative counts and sizes at parse time (``rdcd.cli.positive_int`` and friends), this
@@ -9,8 +17,10 @@ same values when :class:`TrainConfig` is built in Python.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from pathlib import Path
+from typing import Any
 
 from rdcd.distill import augment
 from rdcd.distill.heads import HeadConfig
@@ -21,74 +31,129 @@ from rdcd.errors import RdcdError
 RESUMABLE_CHANGES = {"out", "resume", "ckpt_every", "workers", "device", "threads", "eval_benchmark", "eval_every",
                      "eval_at_start", "log_every", "cache", "progress", "max_steps", "epochs", "export_momentum"}
 
+MODES = ("rdcd", "baseline")
 BN_MODES = ("train", "frozen")
+EXPORT_MOMENTUM = ("auto", "never", "always")
 
-#: float settings that must be finite and > 0 (flag, field)
-_POSITIVE = (("--moco-temp", "moco_temp"), ("--rsd-temp", "rsd_temp"), ("--infonce-temp", "infonce_temp"))
+#: Recipes: what each one changes from the field defaults (``small`` is the defaults: CPU-sized queues of
+#: 2,048 keys and 4,096 teacher features, global batch 32; ``paper`` is RDCD's queues of 65,536 and batch 256).
+RECIPES: dict[str, dict[str, Any]] = {
+    "small": {},
+    "paper": {"batch_size": 256, "queue_size": 65536, "rsd_queue_size": 65536},
+}
+RECIPE_FIELDS = frozenset(k for r in RECIPES.values() for k in r)
+
+#: The head stage's settings that are the full steps' own (HeadConfig field -> TrainConfig field).
+HEAD_SHARED = {"steps": "head_steps", "seed": "seed", "moco_temp": "moco_temp", "rsd_temp": "rsd_temp",
+               "momentum": "moco_momentum", "rsd_positive": "rsd_positive"}
+
+GROUPS = ("data", "model", "optimisation", "losses",
+          "head stage (rdcd: heads trained on cached features before the full steps)", "run")
+
+
+def opt(default=None, help: str | None = None, *, group: str, factory=None, **meta):  # noqa: A002
+    """A :class:`TrainConfig` field with its command-line option. ``meta``: ``min`` (int lower bound, also
+    picks the parser type), ``check`` (floats: ``positive``, ``nonneg``, ``unit`` = [0, 1)), ``flag``,
+    ``choices``, ``metavar``, ``action``, ``required``; ``cli=False``: no option."""
+    meta = {"help": help, "group": group, **meta}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+D, M, O, L, H, R = GROUPS
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    train_dir: str | list[str] = ""  # one folder or several
-    out: str = ""
-    exclude_benchmark: str | list[str] | None = None  # benchmark folder(s) whose source images are left out
-    max_images: int | None = None  # a deterministic subset of the training images (sha1 of the names)
-    mode: str = "rdcd"  # rdcd | baseline
-    recipe: str = "small"
-    backbone: str = "efficientnet_lite0"
-    dim: int = 128
-    input_size: int = 224
-    pretrained: bool = True
-    backbone_weights: str | None = None  # a timm ImageNet checkpoint file for the backbone (verified)
-    teacher: str = "sscd-onnx"
-    teacher_size: int | None = None  # default: the student's input size (the paper's teacher sees the same tensor)
-    batch_size: int = 32  # global, across processes
-    lr: float | None = None  # absolute; default base_lr * batch_size / 256
-    base_lr: float = 1.0
-    sgd_momentum: float = 0.9
-    weight_decay: float = 1e-6
-    epochs: int = 100
-    max_steps: int | None = None
-    warmup_epochs: float = 5.0
-    warmup_steps: int | None = None
-    clip_grad: float | None = None
-    bn: str = "train"  # train: batch statistics, running statistics updated | frozen: eval mode, ImageNet's kept
-    train_blocks: int | None = None  # fine-tune only the last N backbone stages (+ its head conv); None: all
-    head_steps: int = 0  # rdcd: head distillation on cached features before the full steps (rdcd.distill.heads)
-    heads: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(HeadConfig()))
-    backbone_lr_mult: float = 1.0  # backbone lr = lr x this (the random heads learn at the full lr)
-    queue_size: int = 2048  # MoCo key queue
-    rsd_queue_size: int = 4096  # teacher-feature queue
-    moco_momentum: float = 0.99
-    moco_temp: float = 0.07
-    rsd_temp: float = 0.04
-    rsd_weight: float = 1.0
-    moco_weight: float = 1.0
-    hn_weight: float = 5.0
-    hn_ramp_steps: int = 0  # the hard-negative weight ramps linearly from 0 over these steps
-    moco_momentum_end: float | None = None  # cosine schedule of the momentum to this value (None: constant)
-    feature_weight: float = 0.0  # + weight x (1 - cos(student 512-d, teacher)) on view A
-    rsd_positive: bool = False  # the current teacher feature as the first RSD column
-    export_momentum: str = "auto"  # auto: the momentum encoder when it scores higher on eval_benchmark | never | always
-    infonce_temp: float = 0.05  # baseline
-    entropy_weight: float = 30.0  # baseline
-    canvas: int | None = None  # PIL-stage canvas size; default: the view size
-    overlays: bool = True
-    aug: dict = dataclasses.field(default_factory=lambda: augment.AugConfig().to_dict())
-    cache: str | None = None
-    cache_views: int = 4
-    ckpt_every: int = 500
-    workers: int = 2
-    device: str = "auto"
-    amp: bool | None = None  # None: on for CUDA, off on CPU
-    seed: int = 0
-    threads: int | None = None
-    eval_benchmark: str | None = None
-    eval_every: int = 0
-    eval_at_start: bool = False
-    log_every: int = 10
-    progress: bool | None = None  # rich progress bar; None: when stderr is a terminal
-    resume: bool = False
+    # field order = the on-disk order of earlier runs; the group of each (--help) is in its metadata
+    train_dir: str | list[str] = opt("", "folder of training images (unlabeled); repeat it to train on several "
+                                     "folders", group=D, action="append", required=True)
+    out: str = opt("", "run directory (default ./runs/<timestamp>)", group=R)
+    exclude_benchmark: str | list[str] | None = opt(
+        None, "leave out the images listed in BENCH/sources.csv (a benchmark built from the same folder)",
+        group=D, action="append", metavar="BENCH")
+    max_images: int | None = opt(None, "train on a fixed subset of N images (chosen by sha1 of the file names) of "
+                                 "all --train-dir", group=D, min=1, metavar="N")
+    mode: str = opt("rdcd", "rdcd: RSD + MoCo + hard negatives from the teacher; baseline: SSCD InfoNCE + entropy "
+                    "only", group=M, choices=MODES)
+    recipe: str = opt("small", "defaults for the settings below", group=M, choices=tuple(sorted(RECIPES)))
+    backbone: str = opt("efficientnet_lite0", "efficientnet_lite0 (offline ImageNet init), efficientnet_b0, "
+                        "mobilenetv3_large_100, fastvit_t12 or any timm model", group=M)
+    dim: int = opt(128, "descriptor size (the paper: 64, 128, 256)", group=M, min=1)
+    input_size: int = opt(224, "student input size", group=M, min=32)
+    pretrained: bool = opt(True, "random init", group=M, flag="--no-pretrained")
+    backbone_weights: str | None = opt(None, "timm ImageNet checkpoint (.safetensors or .pth state dict) for "
+                                       "backbones without offline weights; checked on real photos before training",
+                                       group=M, metavar="FILE")
+    teacher: str = opt("sscd-onnx", "sscd-onnx (SSCD int8 ONNX in ONNX Runtime) | PATH.pt (SSCD TorchScript) | "
+                       "PATH.onnx | timm:NAME", group=M)
+    teacher_size: int | None = opt(None, "teacher input size; it sees the student's view at this size (default: "
+                                   "--input-size)", group=M, min=32)
+    batch_size: int = opt(32, "global batch size across processes", group=O, min=2)
+    lr: float | None = opt(None, "absolute peak learning rate (overrides --base-lr)", group=O, check="positive")
+    base_lr: float = opt(1.0, "peak lr at batch 256, scaled linearly", group=O, check="positive")
+    sgd_momentum: float = opt(0.9, group=O, check="nonneg")
+    weight_decay: float = opt(1e-6, group=O, check="nonneg")
+    epochs: int = opt(100, "epochs", group=O, min=1)
+    max_steps: int | None = opt(None, "stop after this many steps; the schedule then spans min(epochs, max-steps)",
+                                group=O, min=0)  # at least 1 without a head stage (validate)
+    warmup_epochs: float = opt(5.0, "linear warm-up", group=O, check="nonneg")
+    warmup_steps: int | None = opt(None, "warm-up in steps (overrides --warmup-epochs)", group=O, min=0)
+    clip_grad: float | None = opt(None, "clip the gradient norm (default: off)", group=O, check="positive")
+    bn: str = opt("train", "BatchNorm in the full steps: train (batch statistics; running statistics re-estimated "
+                  "on the training views) or frozen (eval mode: ImageNet's running statistics kept). Default: "
+                  "frozen when the head stage runs, else train", group=O, choices=BN_MODES, cli_default=None)
+    train_blocks: int | None = opt(None, "full steps fine-tune only the last N backbone stages and its head conv "
+                                   "(default: all)", group=O, min=0)
+    head_steps: int = opt(0, "steps of head distillation on cached backbone + teacher features of --cache-views "
+                          "views per image, the backbone frozen with its ImageNet BN statistics (0: off). Needs a "
+                          "feature cache (--cache, default <out>/cache); the full steps then read the teacher's "
+                          "features of those K fixed views too", group=H, min=0)
+    heads: dict = opt(help="head-stage settings (rdcd.distill.heads.HeadConfig; options --head-*)", group=H,
+                      cli=False, factory=lambda: dataclasses.asdict(HeadConfig()))
+    backbone_lr_mult: float = opt(1.0, "backbone lr = lr x this; the randomly initialised heads use the full lr",
+                                  group=O, check="nonneg")
+    queue_size: int = opt(2048, "MoCo key queue", group=L, min=1)
+    rsd_queue_size: int = opt(4096, "teacher-feature queue for RSD", group=L, min=1)
+    moco_momentum: float = opt(0.99, group=L, check="unit")
+    moco_temp: float = opt(0.07, group=L, check="positive")
+    rsd_temp: float = opt(0.04, group=L, check="positive")
+    rsd_weight: float = opt(1.0, group=L, check="nonneg")
+    moco_weight: float = opt(1.0, group=L, check="nonneg")
+    hn_weight: float = opt(5.0, "hard-negative loss weight", group=L, check="nonneg")
+    hn_ramp_steps: int = opt(0, "ramp the hard-negative weight linearly from 0 over N steps (0: full weight at "
+                             "once)", group=L, min=0)
+    moco_momentum_end: float | None = opt(None, "cosine schedule of the momentum encoder from --moco-momentum to "
+                                          "this (default: constant)", group=L, check="unit")
+    feature_weight: float = opt(0.0, "+ weight x (1 - cosine) between the student's 512-d feature and the "
+                                "teacher's", group=L, check="nonneg")
+    rsd_positive: bool = opt(False, "the current teacher feature as the first RSD column", group=L)
+    export_momentum: str = opt("auto", "save the momentum encoder instead of the student: auto = when it scores "
+                               "higher on --eval-benchmark (use a validation benchmark for that), never, always",
+                               group=R, choices=EXPORT_MOMENTUM)
+    infonce_temp: float = opt(0.05, "baseline InfoNCE temperature", group=L, check="positive")
+    entropy_weight: float = opt(30.0, "baseline entropy (KoLeo) weight", group=L, check="nonneg")
+    canvas: int | None = opt(None, "size of the square canvas the PIL stage works on (default: the view size)",
+                             group=D, min=32)
+    overlays: bool = opt(True, "leave out the text and emoji overlays (they need AugLy)", group=D, flag="--no-overlays")
+    aug: dict = opt(help="augmentation settings (rdcd.distill.augment.AugConfig)", group=D, cli=False,
+                    factory=lambda: augment.AugConfig().to_dict())
+    cache: str | None = opt(None, "teacher-feature cache folder (K fixed views per image; for a slow teacher on "
+                            "CPU)", group=R, metavar="DIR")
+    cache_views: int = opt(4, "K, views per image in the cache", group=R, min=1)
+    ckpt_every: int = opt(500, "checkpoint every N steps", group=R, min=1)
+    workers: int = opt(2, "data-loader processes per training process", group=D, min=0)
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N (torchrun: the local rank's GPU)", group=R)
+    amp: bool | None = opt(None, "mixed precision (default: on with CUDA, off on CPU)", group=O)
+    seed: int = opt(0, group=O, min=0)
+    threads: int | None = opt(None, "torch / ONNX Runtime threads per process", group=R, min=1)
+    eval_benchmark: str | None = opt(None, "evaluate on this benchmark at the end", group=R, metavar="BENCH")
+    eval_every: int = opt(0, "also evaluate every N steps", group=R, min=0)
+    eval_at_start: bool = opt(False, "also evaluate the initial student", group=R)
+    log_every: int = opt(10, "log a line every N steps when there is no progress bar", group=R, min=1)
+    progress: bool | None = opt(None, "rich progress bar (default: when stderr is a terminal)", group=R)
+    resume: bool = opt(False, "continue the run in --out from its checkpoint", group=R)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,42 +171,28 @@ class TrainConfig:
         return self.canvas or self.view_size
 
     def validate(self) -> None:
-        if self.mode not in ("rdcd", "baseline"):
+        if self.mode not in MODES:
             raise RdcdError(f"unknown --mode {self.mode!r}: use rdcd or baseline")
-        checks = [("--dim", self.dim, 1), ("--input-size", self.input_size, 32), ("--batch-size", self.batch_size, 2),
-                  ("--queue-size", self.queue_size, 1), ("--rsd-queue-size", self.rsd_queue_size, 1),
-                  ("--ckpt-every", self.ckpt_every, 1), ("--epochs", self.epochs, 1), ("--cache-views", self.cache_views, 1),
-                  ("--log-every", self.log_every, 1), ("--workers", self.workers, 0), ("--seed", self.seed, 0),
-                  ("--head-steps", self.head_steps, 0), ("--hn-ramp-steps", self.hn_ramp_steps, 0),
-                  ("--eval-every", self.eval_every, 0)]
-        optional = [("--teacher-size", self.teacher_size, 32), ("--max-steps", self.max_steps, 0 if self.head_steps else 1),
-                    ("--warmup-steps", self.warmup_steps, 0), ("--train-blocks", self.train_blocks, 0),
-                    ("--max-images", self.max_images, 1), ("--canvas", self.canvas, 32), ("--threads", self.threads, 1)]
-        for flag, value, low in checks + [c for c in optional if c[1] is not None]:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise RdcdError(f"{flag} must be an integer, got {value!r}")
-            if value < low:
-                raise RdcdError(f"{flag} must be at least {low}, got {value}")
-        for f in dataclasses.fields(self):  # every number: finite (no nan / inf from a config or the parser)
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
+        for f in dataclasses.fields(self):  # lower bounds and ranges from the fields' metadata
+            value, low, check, flag = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("check"), _flag(f)
+            if value is None and f.default is None:
+                continue
+            if low is not None:
+                if f.name == "max_steps" and not self.head_steps:
+                    low = 1  # a run without a head stage needs a step
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise RdcdError(f"{flag} must be an integer, got {value!r}")
+                if value < low:
+                    raise RdcdError(f"{flag} must be at least {low}, got {value}")
+            if isinstance(value, float) and not math.isfinite(value):  # no nan / inf from a config or the parser
                 raise RdcdError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-        for flag, value in (("--lr", self.lr), ("--base-lr", self.base_lr)) + tuple(
-                (flag, getattr(self, name)) for flag, name in _POSITIVE):
-            if value is not None and not value > 0:
+            if check == "positive" and not value > 0:
                 raise RdcdError(f"{flag} must be a positive number, got {value}")
-        for flag, value in (("--backbone-lr-mult", self.backbone_lr_mult), ("--weight-decay", self.weight_decay),
-                            ("--warmup-epochs", self.warmup_epochs), ("--rsd-weight", self.rsd_weight),
-                            ("--moco-weight", self.moco_weight), ("--hn-weight", self.hn_weight),
-                            ("--feature-weight", self.feature_weight), ("--entropy-weight", self.entropy_weight),
-                            ("--sgd-momentum", self.sgd_momentum)):
-            if not value >= 0:
+            if check == "nonneg" and not value >= 0:
                 raise RdcdError(f"{flag} must be >= 0, got {value}")
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise RdcdError(f"--clip-grad must be a positive number, got {self.clip_grad}")
-        if not 0 <= self.moco_momentum < 1:
-            raise RdcdError(f"--moco-momentum must be in [0, 1), got {self.moco_momentum}")
-        if self.export_momentum not in ("auto", "never", "always"):
+            if check == "unit" and not 0 <= value < 1:
+                raise RdcdError(f"{flag} must be in [0, 1), got {value}")
+        if self.export_momentum not in EXPORT_MOMENTUM:
             raise RdcdError(f"--export-momentum must be auto, never or always, got {self.export_momentum!r}")
         if self.bn not in BN_MODES:
             raise RdcdError(f"unknown --bn {self.bn!r}: use one of {', '.join(BN_MODES)}")
@@ -149,8 +200,6 @@ class TrainConfig:
             raise RdcdError("--head-steps needs --mode rdcd (the heads learn from cached teacher features)")
         if self.head_steps and self.cache_views < 2:
             raise RdcdError("--head-steps needs --cache-views of at least 2 (MoCo contrasts two cached views of an image)")
-        if self.moco_momentum_end is not None and not 0 <= self.moco_momentum_end < 1:
-            raise RdcdError(f"--moco-momentum-end must be in [0, 1), got {self.moco_momentum_end}")
         if not self.out:
             raise RdcdError("no --out run folder given")
         self.head_config().validate()
@@ -163,3 +212,32 @@ class TrainConfig:
     def cache_dir(self) -> str | None:
         """The feature cache: ``cache``, or ``<out>/cache`` when the head stage needs one."""
         return self.cache or (str(Path(self.out) / "cache") if self.head_steps and self.mode == "rdcd" else None)
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def from_options(values: dict[str, Any], heads: dict[str, Any] | None = None) -> TrainConfig:
+    """A config from parsed options (``rdcd-distill``'s, or any mapping of field names): ``None`` for a
+    recipe setting takes the recipe's value (else the field default); ``bn`` left out is ``frozen`` when the
+    head stage runs, else ``train``; one ``train_dir`` / ``exclude_benchmark`` is stored as a string;
+    ``heads`` holds the HeadConfig settings of the ``--head-*`` options (the shared ones,
+    :data:`HEAD_SHARED`, come from the full steps' settings); no ``out``: ``runs/<timestamp>``."""
+    names = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    v = {k: values[k] for k in names if k in values}
+    recipe = RECIPES[v.get("recipe") or "small"]
+    for k in RECIPE_FIELDS:
+        if v.get(k) is None:
+            v[k] = recipe.get(k, names[k].default)
+    if v.get("bn") is None:
+        v["bn"] = "frozen" if v.get("head_steps") else "train"
+    for k in ("train_dir", "exclude_benchmark"):
+        if isinstance(v.get(k), (list, tuple)) and len(v[k]) == 1:
+            v[k] = v[k][0]
+    v["out"] = v.get("out") or f"runs/{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    shared = {h: v.get(t, names[t].default) for h, t in HEAD_SHARED.items()}
+    if v.get("moco_momentum_end") is not None:
+        shared["momentum_end"] = v["moco_momentum_end"]
+    v["heads"] = dataclasses.asdict(HeadConfig(**{**(heads or {}), **shared}))
+    return TrainConfig(**v)

@@ -20,6 +20,15 @@ log = logging.getLogger(__name__)
 VIEW_A, VIEW_B = 1, 2
 
 
+def subset_images(paths: Sequence[Path], n: int) -> list[Path]:
+    """A deterministic subset of ``n`` of ``paths`` (``--max-images``): the first by sha1 of the file names,
+    kept in their scan order."""
+    import hashlib
+
+    keep = set(sorted(paths, key=lambda p: hashlib.sha1(f"rdcd-train:{p.name}".encode()).hexdigest())[:n])
+    return [p for p in paths if p in keep]
+
+
 def scan_images(train_dir: "str | os.PathLike | Sequence[str | os.PathLike]", exclude: set[str] | None = None,
                 workers: int = 4, recursive: bool = False) -> list[Path]:
     """Readable images of ``train_dir`` (one folder or several) minus ``exclude`` (file names); unreadable

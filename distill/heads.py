@@ -52,18 +52,25 @@ INITS = ("pca", "pcaw", "random")
 @dataclasses.dataclass
 class HeadConfig:
     steps: int = 2000
-    batch_size: int = 256
-    lr: float = 1e-3  # AdamW, cosine decay after a 5 % warm-up
+    batch_size: int = dataclasses.field(default=256, metadata={"flag": "--head-batch-size", "min": 1,
+                                                               "help": "head-stage batch"})
+    lr: float = dataclasses.field(default=1e-3, metadata={"flag": "--head-lr",  # AdamW, cosine decay
+                                                          "help": "head-stage AdamW learning rate"})  # after a 5 % warm-up
     weight_decay: float = 1e-4
-    mode: str = "rdcd"
-    init: str = "random"
+    mode: str = dataclasses.field(default="rdcd", metadata={"flag": "--head-mode", "choices": MODES, "help": (
+        "head-stage losses (rdcd: RSD + MoCo + ramped hard negatives; see rdcd.distill.heads)")})
+    init: str = dataclasses.field(default="random", metadata={"flag": "--head-init", "choices": INITS, "help": (
+        "random (measured best), or fc by ridge regression onto the teacher and the projector by PCA (pcaw: "
+        "whitened) of the fit")})
     queue_size: int = 4096
     rsd_temp: float = 0.04
     rsd_positive: bool = False  # the current teacher feature as the first RSD column
     moco_temp: float = 0.07
     momentum: float = 0.99
     momentum_end: float = 0.999
-    hn_weight: float = 1.0  # the paper's 5 collapsed the heads on mixed clip art + photos (docs/reports/distill.md)
+    hn_weight: float = dataclasses.field(default=1.0, metadata={"flag": "--head-hn-weight", "help": (
+        "head-stage hard-negative weight (the paper's 5 collapsed the heads on mixed clip art + photos; see "
+        "docs/reports/distill.md)")})
     hn_ramp: float = 0.5  # fraction of the steps over which the hard-negative weight ramps up from 0
     feature_weight: float = 1.0
     rsd_weight: float = 1.0

@@ -19,12 +19,10 @@ manifest is saved after every artifact so an interruption loses nothing already 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import inspect
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -70,6 +68,7 @@ class Options:
     parity_paths: list[Path] | None = None
     int8: bool = False
     calib: Path | None = None
+    calib_count: int | None = None  # None: rdcd.quantize's default
     threads: int | None = CHECK_THREADS
     command: str = "rdcd-export"
 
@@ -81,18 +80,6 @@ class Result:
     code: int  # 0 all ok / not checkable, 1 a check or an export failed
     seconds: float
     notes: list[str] = dataclasses.field(default_factory=list)
-
-
-def quantize_api() -> Callable:
-    """``rdcd.quantize.api.quantize_export``, or a clear error when the quantize stage is absent."""
-    try:
-        mod = importlib.import_module("rdcd.quantize.api")
-    except ImportError as exc:
-        raise RdcdError(f"--int8 needs the quantize stage (rdcd.quantize.api), which cannot be imported here: {exc}") from None
-    fn = getattr(mod, "quantize_export", None)
-    if fn is None:
-        raise RdcdError("--int8 needs rdcd.quantize.api.quantize_export, which this checkout does not have")
-    return fn
 
 
 def _versions(*names: str) -> dict[str, str]:
@@ -374,20 +361,15 @@ class Exporter:
     # ---------------------------------------------------------------- INT8 (quantize stage)
     def quantize(self) -> None:
         before = {a["name"]: a.get("sha256") for a in self.manifest.artifacts}
-        fn = quantize_api()
-        kwargs: dict[str, Any] = {"calib_dir": self.opts.calib}
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            params = {}
-        any_kw = any(p.kind == p.VAR_KEYWORD for p in params.values())
+        from rdcd.quantize.api import quantize_export
+
         # the targets exported here (Core ML INT8 re-quantizes the PyTorch student: students only)
-        wanted = {"targets": tuple(t for t in self.opts.targets if t != "coreml" or self.source.kind == "student"),
-                  "threads": self.opts.threads, "command": self.opts.command}
-        kwargs.update({k: v for k, v in wanted.items() if v and (k in params or any_kw)})
+        targets = tuple(t for t in self.opts.targets if t != "coreml" or self.source.kind == "student")
         try:
-            fn(self.out, **kwargs)
-            self.notes.append(f"int8: rdcd.quantize.api.quantize_export ran for {', '.join(kwargs.get('targets', ()))}")
+            count = {"calib_count": self.opts.calib_count} if self.opts.calib_count else {}
+            quantize_export(self.out, self.opts.calib, targets=targets, threads=self.opts.threads or 2,
+                            command=self.opts.command, **count)
+            self.notes.append(f"int8: rdcd.quantize.api.quantize_export ran for {', '.join(targets)}")
         except GateFailed as exc:
             self.failed = True
             self.notes.append(f"❌ int8 (quantize stage): {exc}")

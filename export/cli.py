@@ -59,6 +59,8 @@ def build_parser() -> ArgumentParser:
                    "(rdcd.quantize.api.quantize_export)")
     p.add_argument("--calib-dir", metavar="DIR", dest="calib", help="calibration images for --int8 (required with it)")
     p.add_argument("--calib", dest="calib", default=hidden, help=hidden)
+    p.add_argument("--calib-count", type=positive_int, default=None, metavar="N",
+                   help="calibration images for --int8 (default: rdcd-quantize's, 300)")
     p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="CPU threads for the parity runs (default 2)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -69,6 +71,8 @@ def _validate(args, parser) -> None:
         parser.error(f"--size must be between 32 and 2048, not {args.size}")
     if args.trt_max_batch > 4096:
         parser.error(f"--trt-max-batch must be between 1 and 4096, not {args.trt_max_batch}")
+    if args.calib_count and not args.int8:
+        parser.error("--calib-count only applies with --int8")
     if args.calib and not args.int8:
         parser.error("--calib-dir only applies with --int8")
     if args.int8 and not args.calib:
@@ -144,8 +148,6 @@ def _main(argv: Sequence[str] | None) -> int:
         writable_dir(args.out, "--out", clean=True)
     # everything that can be wrong with the input fails here, before any slow work
     paths = parity.image_paths(args.parity_images)
-    if args.int8:
-        api.quantize_api()
     if args.teacher and args.whiten_on:
         raise RdcdError("--whiten-on applies to a student checkpoint, not to --teacher")
     if args.teacher:
@@ -161,7 +163,7 @@ def _main(argv: Sequence[str] | None) -> int:
     command = "rdcd-export " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
     opts = api.Options(targets=targets, out=out, coreml_precision=args.precision, batch=args.trt_max_batch,
                        parity_paths=paths, int8=args.int8, calib=Path(args.calib) if args.calib else None,
-                       threads=args.threads, command=command)
+                       calib_count=args.calib_count, threads=args.threads, command=command)
     result = api.export(src, opts)
     summary_table(result)
     return result.code

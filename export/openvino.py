@@ -61,9 +61,3 @@ def content_sha256(xml_path: Path) -> str:
     from rdcd.fsutil import sha256
 
     return hashlib.sha256("".join(sha256(f) for f in files(xml_path)).encode()).hexdigest()
-
-
-def version() -> str:
-    import openvino as ov
-
-    return ov.get_version()

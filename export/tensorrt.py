@@ -51,7 +51,7 @@ def availability() -> tuple[bool, str]:
         why.append("tensorrt is not installed")
     except Exception as exc:  # a broken install (missing libnvinfer)
         why.append(f"tensorrt does not load: {str(exc).splitlines()[0]}")
-    from rdcd.validate.runtimes import cuda_devices
+    from rdcd.validate.cuda import cuda_devices
 
     count, reason = cuda_devices()
     if not count:

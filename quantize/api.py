@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -112,7 +111,7 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
     Raises :class:`GateFailed` (after saving everything) when an artifact's µAP drop still exceeds
     ``max_drop`` after fallback, and :class:`RdcdError` on bad input.
     """
-    from rdcd.quantize.onnx_ptq import METHODS, Recipe
+    from rdcd.quantize.onnx_ptq import METHODS
 
     if calib_dir is None or str(calib_dir) == "":
         raise RdcdError("INT8 calibration needs a folder of real images: pass --calib-dir")
@@ -183,9 +182,9 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
         ctx.quantizer = quantizer
         fp32_desc = None
         if bench is not None:
-            from rdcd.quantize.onnx_ptq import OrtEmbedder
+            from rdcd.validate.runtimes import OnnxRuntimeRunner
 
-            fp32_desc = bench.describe(OrtEmbedder(fp32_onnx, threads), with_training=True)
+            fp32_desc = bench.describe(OnnxRuntimeRunner(fp32_onnx, threads), with_training=True)
             fp32_res = bench.evaluate(fp32_desc)
             ctx.fp32_uap = float(fp32_res.metrics.micro_ap)
             ctx.predictions["onnx-fp32"] = fp32_res.predictions
@@ -227,10 +226,10 @@ def quantize_export(export_dir: str | os.PathLike, calib_dir: str | os.PathLike,
             report["codes_file"] = CODES
         if latency_iters and "onnx" in targets and "error" not in report["targets"].get("onnx", {"error": 1}):
             from rdcd.quantize.latency import compare
-            from rdcd.quantize.onnx_ptq import OrtEmbedder
+            from rdcd.validate.runtimes import OnnxRuntimeRunner
 
             report["latency"] = {"threads": threads, **compare(
-                {"fp32": OrtEmbedder(fp32_onnx, threads), "int8": OrtEmbedder(manifest.dir / "model.int8.onnx", threads)},
+                {"fp32": OnnxRuntimeRunner(fp32_onnx, threads), "int8": OnnxRuntimeRunner(manifest.dir / "model.int8.onnx", threads)},
                 spec.size, iters=latency_iters)}
         quantizer.close()
     for art in artifacts:
@@ -342,7 +341,8 @@ def _candidates(methods, engines, reduce_range: str):
 
 
 def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
-    from rdcd.quantize.onnx_ptq import OrtEmbedder, Recipe, check_qdq
+    from rdcd.quantize.onnx_ptq import Recipe, check_qdq
+    from rdcd.validate.runtimes import OnnxRuntimeRunner
     from rdcd.quantize.sensitivity import fallback_loop
 
     q = ctx.quantizer
@@ -351,7 +351,7 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
     for eng, m, rr in _candidates(methods, engines, reduce_range):
         recipe = Recipe(engine=eng, method=m, activations="asymmetric", reduce_range=rr)
         path = q.quantize(ctx.work / f"onnx-{eng}-{m}-{rr}.onnx", recipe)
-        uap = ctx.uap(OrtEmbedder(path, ctx.threads), key=path)
+        uap = ctx.uap(OnnxRuntimeRunner(path, ctx.threads), key=path)
         drop = (ctx.fp32_uap - uap) if ctx.bench is not None else 0.0
         candidates.append({"engine": eng, "method": m, "reduce_range": rr, "micro_ap": _r(uap), "drop": _r(drop)})
         log.info("onnx-int8 candidate %s/%s/7-bit weights: %s -> µAP %.4f (drop %+.4f)", eng, m, rr, uap, drop)
@@ -368,9 +368,9 @@ def _onnx_target(ctx: _Context, methods, engines, reduce_range: str):
             return step0
         return q.quantize(ctx.work / f"onnx-step{i}.onnx", recipe, excluded)
 
-    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads), key=p), ranking, ctx.fp32_uap or 0.0,
+    res = fallback_loop(build, lambda p: ctx.uap(OnnxRuntimeRunner(p, ctx.threads), key=p), ranking, ctx.fp32_uap or 0.0,
                         ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="onnx-int8")
-    unit_norm = ctx.unit_norm(OrtEmbedder(res.chosen.path, ctx.threads), "onnx-int8")  # before replacing the file
+    unit_norm = ctx.unit_norm(OnnxRuntimeRunner(res.chosen.path, ctx.threads), "onnx-int8")  # before replacing the file
     out = ctx.manifest.dir / "model.int8.onnx"
     with atomic_path(out) as tmp:
         shutil.copyfile(res.chosen.path, tmp)
@@ -394,7 +394,8 @@ def _tensorrt_target(ctx: _Context, method: str):
     lines, and the engine (``path``), built and run here only where TensorRT and a CUDA device are present."""
     from rdcd.export import tensorrt as T
     from rdcd.fsutil import sha256
-    from rdcd.quantize.onnx_ptq import OrtEmbedder, Recipe, check_qdq
+    from rdcd.quantize.onnx_ptq import Recipe, check_qdq
+    from rdcd.validate.runtimes import OnnxRuntimeRunner
     from rdcd.quantize.sensitivity import fallback_loop
 
     q = ctx.quantizer
@@ -404,7 +405,7 @@ def _tensorrt_target(ctx: _Context, method: str):
     def build(excluded, i):
         return q.quantize(ctx.work / f"trt-step{i}.onnx", recipe, excluded)
 
-    res = fallback_loop(build, lambda p: ctx.uap(OrtEmbedder(p, ctx.threads, reference=True), key=p), ranking,
+    res = fallback_loop(build, lambda p: ctx.uap(OnnxRuntimeRunner(p, ctx.threads, reference=True), key=p), ranking,
                         ctx.fp32_uap or 0.0, ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="tensorrt-int8")
     tdir, size, batch = ctx.manifest.dir / T.DIRNAME, ctx.spec.size, T.profile_batch(ctx.manifest)
     qdq, engine = tdir / T.ONNX_INT8, tdir / T.ENGINES["int8"]
@@ -425,7 +426,7 @@ def _tensorrt_target(ctx: _Context, method: str):
                                          {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,
                                           "calibration_cache": None})
     art.update(qdq_source=f"{T.DIRNAME}/{T.ONNX_INT8}", qdq_sha256=sha256(qdq), qdq=check_qdq(qdq), command=cmd,
-               checks={"unit_norm": ctx.unit_norm(OrtEmbedder(qdq, ctx.threads, reference=True),
+               checks={"unit_norm": ctx.unit_norm(OnnxRuntimeRunner(qdq, ctx.threads, reference=True),
                                                   "tensorrt-int8 (QDQ reference)")},
                engine_built=False)
     trt_ref = _fp_artifact(ctx.manifest, "tensorrt", ("fp32", "fp16"))
@@ -444,7 +445,7 @@ def _tensorrt_target(ctx: _Context, method: str):
             art["build"] = T.build(tdir, "int8", size, batch)
             art["engine_built"] = True
             runner, images = TensorRTRunner(engine), ctx.calib.images[:SENSITIVITY_IMAGES]
-            art["parity"] = parity(OrtEmbedder(qdq, ctx.threads, reference=True)(images), runner(images),
+            art["parity"] = parity(OnnxRuntimeRunner(qdq, ctx.threads, reference=True)(images), runner(images),
                                    "onnxruntime QDQ reference", f"tensorrt {runner.version}")
             if ctx.bench is not None:
                 uap, runtime, simulated, key = ctx.uap(runner, key="tensorrt"), f"tensorrt {runner.version}", False, "tensorrt"
@@ -613,7 +614,3 @@ def _real_coreml_uap(ctx: _Context, pkg: Path, key: str) -> float:
 
 def _r(v):
     return None if v is None else round(float(v), 6)
-
-
-def platform_note() -> str:
-    return f"{platform.system()} {platform.machine()}"

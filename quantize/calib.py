@@ -40,10 +40,6 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def batches(self, batch_size: int = 1) -> Iterable[np.ndarray]:
-        for i in range(0, len(self.images), batch_size):
-            yield self.images[i: i + batch_size]
-
     def describe(self) -> dict:
         return {"dir": str(self.directory), "images": len(self), "skipped": len(self.skipped) + self.bad_names,
                 "skipped_unreadable": len(self.skipped), "skipped_bad_names": self.bad_names,

@@ -375,18 +375,11 @@ class OnnxQuantizer:
         cache = self.workdir / f"calib-{recipe.method}-{recipe.percentile if recipe.method == 'percentile' else ''}.json"
         if recipe.method == "entropy" and not cache.exists():
             self._entropy_ranges(Reader(), cache)
-        try:
-            quantize_static(str(self.pre_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=recipe.per_channel, reduce_range=recipe.reduce_range == "all",
-                            activation_type=QuantType.QInt8 if sym else QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
-                            extra_options=extra, calibration_cache_path=str(cache))
-        except TypeError:  # onnxruntime < 1.32 has no calibration cache
-            quantize_static(str(self.pre_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=recipe.per_channel, reduce_range=recipe.reduce_range == "all",
-                            activation_type=QuantType.QInt8 if sym else QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
-                            extra_options=extra)
+        quantize_static(str(self.pre_path), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                        per_channel=recipe.per_channel, reduce_range=recipe.reduce_range == "all",
+                        activation_type=QuantType.QInt8 if sym else QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=method, nodes_to_exclude=exclude,
+                        extra_options=extra, calibration_cache_path=str(cache))  # onnxruntime >= 1.32
 
     def first_weight(self) -> str | None:
         """The weight initializer of the first convolution (the one that reads the image)."""
@@ -440,29 +433,3 @@ class OnnxQuantizer:
             raise RdcdError(f"NNCF could not quantize {self.fp32_path.name}: {type(exc).__name__}: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
         onnx.save(q, str(out))
-
-
-# ------------------------------------------------------------------------------------------ runners
-class OrtEmbedder:
-    """An ONNX Runtime session on uint8 NHWC batches; ``reference=True`` runs QDQ with float semantics
-    (no graph optimisation, so no integer kernels: the prediction for TensorRT)."""
-
-    def __init__(self, path: str | os.PathLike, threads: int | None = 2, reference: bool = False):
-        ort = _ort()
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
-                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise RdcdError(f"onnxruntime cannot load {path}: {str(exc).splitlines()[0]}") from None
-        self.input_name = self.session.get_inputs()[0].name
-        self.output_name = self.session.get_outputs()[0].name
-        self.reference = reference
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.uint8)})[0]

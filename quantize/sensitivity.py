@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rdcd.errors import RdcdError
 from rdcd.fsutil import temp_prefix
 
 log = logging.getLogger(__name__)
@@ -223,11 +222,3 @@ def fallback_loop(build: Callable[[Sequence[str], int], Path | None], measure: C
     holding = [s for s in steps if s.drop <= max_drop]
     chosen = holding[0] if holding else min(steps, key=lambda s: s.drop)
     return FallbackResult(steps, chosen, max_drop, probes)
-
-
-def check_ranking(ranking: Sequence[str], known: Sequence[str]) -> list[str]:
-    known_set = set(known)
-    missing = [r for r in ranking if r not in known_set]
-    if missing:
-        raise RdcdError(f"layer(s) {', '.join(missing[:3])} not found in the model")
-    return list(ranking)

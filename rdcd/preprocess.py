@@ -26,6 +26,15 @@ TF_LITE_STD = (0.5, 0.5, 0.5)
 RESIZE_RULE = "stretch to size x size, PIL bilinear with antialiasing, RGB uint8 NHWC"
 
 
+def to_float_nchw(batch_nhwc_uint8: np.ndarray, mean: Sequence[float] = (0.0, 0.0, 0.0),
+                  std: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
+    """The one uint8 -> float conversion: uint8 RGB NHWC -> float32 NCHW ``(x / 255 - mean) / std``
+    (the defaults give [0, 1]). The same numbers as torch's ``x.float() / 255`` on the same batch."""
+    x = np.asarray(batch_nhwc_uint8).astype(np.float32) / np.float32(255.0)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # exact for the defaults
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
     size: int = 224
@@ -55,9 +64,7 @@ class PreprocessSpec:
 
     def normalize(self, batch_nhwc_uint8: np.ndarray) -> np.ndarray:
         """Float NCHW normalised input (what the network inside the graph sees); for reference only."""
-        x = batch_nhwc_uint8.astype(np.float32) / 255.0
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        return to_float_nchw(batch_nhwc_uint8, self.mean, self.std)
 
     def to_dict(self) -> dict:
         return {"size": self.size, "mean": list(self.mean), "std": list(self.std), "resize": self.resize,

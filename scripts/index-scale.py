@@ -1,32 +1,38 @@
 #!/usr/bin/env python
-"""Scale benchmark of the ``rdcd-index`` backends on synthetic descriptors (no model, no images).
+"""Scale benchmark of ``rdcd-index``: 1M references per model, real descriptors plus planted copies.
 
-References are N unit vectors with the anisotropy of real descriptors (a low-rank part plus noise);
-queries are edited copies of Q references (the reference plus noise, cosine about ``--copy-cos``) and
-as many distractors (fresh vectors). For each code type, exhaustive and IVF (nlist = 4 sqrt N, the
-index's default nprobe), through :class:`rdcd.validate.index.FaissStore` - what ``rdcd-index`` runs -
-it measures: build seconds (training + adding), index size on disk, batched search throughput and
-single-query latency (p50/p99), the share of copies whose reference is ranked first (``copy_top1``)
-and the overlap of the top-10 with exact float search (``recall10_vs_exact``). ``--milvus`` adds Milvus
-Lite (fp32 and int8; insert rate and search latency). Writes JSON and prints a Markdown table::
+For each ``--model NAME=SPEC`` (an exported artifact, or ``teacher`` for the offline SSCD ONNX) the
+reference set is, in this order:
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/index-scale.py --n 50000 --out runs/index-scale-50k.json
-    .venv/bin/python scripts/index-scale.py --n 1000000 --threads 8 --milvus --out runs/index-scale-1m.json
+* the benchmark's references (``--bench``, DISC2021 layout: its queries are the planted edited copies,
+  its ground truth the planted pairs, scored by micro-AP),
+* every image of ``--extra`` folders not used by the benchmark (its ``sources.csv``), as real distractors,
+* synthetic descriptors up to ``--n``: drawn from a Gaussian with the mean and covariance of the real
+  reference descriptors of that model, then L2-normalised (``synthetic_like``).
 
-Synthetic vectors are not photos: they bound speed and memory well, recall only roughly (real
-descriptors cluster more, which helps IVF and PQ).
+Each index (fp32 / int8 / binary / IVF-PQ, exhaustive and IVF as ``rdcd-index`` builds them through
+:class:`rdcd.validate.index.FaissStore`) is built in a fresh process (build seconds, peak RSS), saved, and
+searched in another fresh process that loads it as ``rdcd-index search`` does (RSS of the interpreter,
+of the loaded index, peak), timing single queries (p50/p99) and batches of 64 (p50/p99 per query),
+IVF at several ``nprobe``; recall@10 is the overlap with exact fp32 search on the same 1M references,
+``micro_ap`` scores the top-10 of every benchmark query. Descriptors are cached under ``--work``::
+
+    .venv/bin/python scripts/index-scale.py --bench runs/demo/bench \\
+        --extra ../shared/data/train-pool --extra ../shared/data/train-photos \\
+        --model teacher=teacher --model s128=runs/demo/export/model.onnx --model s64=runs/scale/export64/model.onnx \\
+        --n 1000000 --threads 2 --work runs/scale --out runs/scale/index-scale-1m.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
-import math
+import multiprocessing as mp
 import os
 import platform
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -34,133 +40,223 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # noqa: E402 - run from a checkout too
 
+#: (codes, ivf) per index; ``None``: exhaustive, ``"ivf"``: nlist = 4 sqrt(N) as ``--ivf auto``
+CONFIGS = (("fp32", None), ("fp32", "ivf"), ("int8", None), ("int8", "ivf"), ("binary", None), ("binary", "ivf"),
+           ("pq", "ivf"))
+NPROBES = (16, 32, 64, 128, 250)
 
-def unit(x: np.ndarray) -> np.ndarray:
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+def rss_mb() -> dict:
+    """VmRSS and VmHWM (peak) of this process, MB."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(("VmRSS:", "VmHWM:")):
+            out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
 
 
-def synthetic(n: int, d: int, q: int, copy_cos: float, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    basis = rng.standard_normal((d // 4, d)).astype(np.float32)
+# ------------------------------------------------------------------------------------------ descriptors
+def benchmark_sources(bench: Path) -> set[str]:
+    with open(bench / "sources.csv", newline="", encoding="utf-8") as fh:
+        return {str(Path(r["source"]).resolve()) for r in csv.DictReader(fh) if r.get("source")}
 
-    def draw(m):
-        out = np.empty((m, d), np.float32)
-        for i in range(0, m, 100_000):
-            k = min(100_000, m - i)
-            out[i: i + k] = unit(rng.standard_normal((k, d // 4)).astype(np.float32) @ basis
-                                 + 1.5 * rng.standard_normal((k, d)).astype(np.float32))
+
+def describe_all(name: str, spec: str, bench: Path, extra: list[str], work: Path, threads: int) -> Path:
+    """``work/desc-NAME.npz``: benchmark references and queries, extra real references (cached)."""
+    out = work / f"desc-{name}.npz"
+    if out.is_file():
         return out
+    from rdcd.benchmark import load_benchmark
+    from rdcd.imageio import list_images
+    from rdcd.validate.extract import extract
+    from rdcd.validate.models import resolve_model
 
-    refs = draw(n)
-    src = rng.choice(n, size=q, replace=False)
-    sigma = math.tan(math.acos(copy_cos)) / math.sqrt(d)  # noise norm tan(angle): cosine ~ copy_cos
-    copies = unit(refs[src] + sigma * rng.standard_normal((q, d)).astype(np.float32))
-    return refs, copies, draw(q), src
-
-
-def timed_search(store, queries: np.ndarray, k: int, single: int) -> dict:
-    t0 = time.perf_counter()
-    hits = store.search(queries, k)
-    batch_s = time.perf_counter() - t0
-    lat = []
-    for i in range(min(single, len(queries))):
+    b = load_benchmark(bench)
+    used = benchmark_sources(bench)
+    extras = [p for d in extra for p in list_images(d) if str(Path(p).resolve()) not in used]
+    emb, pspec, label = resolve_model(spec, threads=threads)
+    arrays = {}
+    for part, split in (("refs", b.references), ("queries", b.queries), ("extra", None)):
+        paths, names = (split.paths, split.ids) if split else (extras, [Path(x).stem for x in extras])
         t = time.perf_counter()
-        store.search(queries[i: i + 1], k)
-        lat.append((time.perf_counter() - t) * 1e3)
-    return {"hits": hits, "batch_qps": round(len(queries) / batch_s, 1),
-            "single_ms_p50": round(float(np.percentile(lat, 50)), 3), "single_ms_p99": round(float(np.percentile(lat, 99)), 3)}
+        vecs, kept = extract(emb, paths, pspec, batch_size=32, description=f"{name} {part}", skip_bad=True)
+        arrays[part] = vecs.astype(np.float32)
+        arrays[f"{part}_ids"] = np.asarray([names[i] for i in kept])
+        print(f"{name} {part}: {len(kept)} images in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    arrays["gt"] = np.asarray(b.gt_pairs, dtype=str)
+    np.savez(out, label=label, **arrays)
+    return out
 
 
-def quality(hits, exact_hits, n_copies: int, src) -> dict:
-    top1 = np.mean([bool(h) and h[0][0] == f"R{s:07d}" for h, s in zip(hits[:n_copies], src)])
-    overlap = np.mean([len({r for r, _ in h} & {r for r, _ in e}) / max(1, len(e)) for h, e in zip(hits, exact_hits)])
-    return {"copy_top1": round(float(top1), 4), "recall10_vs_exact": round(float(overlap), 4)}
+def synthetic_like(real: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` unit vectors from the Gaussian fitted to ``real`` (mean, full covariance), in 100k chunks."""
+    rng = np.random.default_rng(seed)
+    mean = real.mean(axis=0)
+    cov = np.cov(real, rowvar=False) + 1e-6 * np.eye(real.shape[1])
+    chol = np.linalg.cholesky(cov).astype(np.float32)
+    out = np.empty((n, real.shape[1]), np.float32)
+    for i in range(0, n, 100_000):
+        k = min(100_000, n - i)
+        x = rng.standard_normal((k, real.shape[1])).astype(np.float32) @ chol.T + mean
+        out[i:i + k] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ children
+def child_build(meta: dict, refs_path: str, ids_path: str, folder: str, threads: int) -> dict:
+    import faiss
+
+    from rdcd.validate.index import FaissStore
+
+    faiss.omp_set_num_threads(threads)
+    refs = np.load(refs_path)
+    ids = [str(i) for i in np.load(ids_path)]
+    t = time.perf_counter()
+    store = FaissStore.create(meta, refs)
+    store.add(ids, refs)
+    build_s = time.perf_counter() - t
+    store.save(folder)
+    return {"build_s": round(build_s, 1), "build_peak_rss_mb": rss_mb()["VmHWM"],
+            "index": store.meta["faiss"]["index"], "nprobe_default": (meta.get("ivf") or {}).get("nprobe")}
+
+
+def child_search(folder: str, queries_path: str, threads: int, nprobes: list[int | None]) -> dict:
+    import faiss
+
+    from rdcd.validate.index import open_store
+
+    faiss.omp_set_num_threads(threads)
+    queries = np.load(queries_path)
+    before = rss_mb()["VmRSS"]
+    store = open_store(folder)
+    loaded = rss_mb()["VmRSS"]
+    out = {"rss_base_mb": before, "rss_loaded_mb": loaded, "index_resident_mb": round(loaded - before, 1), "runs": []}
+    for nprobe in nprobes:
+        store.search(queries[:64], 10, nprobe)  # warm-up
+        single = []
+        for i in range(min(200, len(queries))):
+            t = time.perf_counter()
+            store.search(queries[i:i + 1], 10, nprobe)
+            single.append((time.perf_counter() - t) * 1e3)
+        batch, hits = [], []
+        for i in range(0, len(queries), 64):
+            t = time.perf_counter()
+            hits += store.search(queries[i:i + 64], 10, nprobe)
+            batch.append((time.perf_counter() - t) * 1e3 / len(queries[i:i + 64]))
+        out["runs"].append({"nprobe": nprobe, "b1_p50_ms": round(float(np.percentile(single, 50)), 3),
+                            "b1_p99_ms": round(float(np.percentile(single, 99)), 3),
+                            "b64_p50_ms_per_q": round(float(np.percentile(batch, 50)), 3),
+                            "b64_p99_ms_per_q": round(float(np.percentile(batch, 99)), 3), "hits": hits})
+    out["peak_rss_mb"] = rss_mb()["VmHWM"]
+    return out
+
+
+def in_child(fn, *args):
+    with mp.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+# ------------------------------------------------------------------------------------------ scoring
+def micro_ap(hits, query_ids, gt) -> float:
+    from rdcd.validate.metrics import Predictions, evaluate
+
+    rows = [(q, r, s) for q, row in zip(query_ids, hits) for r, s in row]
+    return round(evaluate(Predictions.from_rows(rows), [tuple(p) for p in gt]).micro_ap, 4)
+
+
+def recall10(hits, exact) -> float:
+    return round(float(np.mean([len({r for r, _ in h} & set(e)) / max(1, len(e)) for h, e in zip(hits, exact)])), 4)
+
+
+def run_model(name: str, desc: Path, n: int, threads: int, tmp: Path, configs) -> list[dict]:
+    from rdcd.validate.index import default_nlist, ivf_plan, new_meta, pq_subquantizers
+    from rdcd.validate.search import knn
+
+    d = np.load(desc)
+    real = np.concatenate([d["refs"], d["extra"]])
+    ids = np.concatenate([d["refs_ids"], np.asarray([f"X{i:07d}" for i in range(len(d["extra"]))])])
+    synth = synthetic_like(real, max(0, n - len(real)))
+    refs = np.concatenate([real, synth])
+    ids = np.concatenate([ids, np.asarray([f"S{i:07d}" for i in range(len(synth))])])
+    dim, queries, qids, gt = refs.shape[1], d["queries"], list(d["queries_ids"]), d["gt"]
+    np.save(tmp / "refs.npy", refs), np.save(tmp / "ids.npy", ids), np.save(tmp / "queries.npy", queries)
+    t = time.perf_counter()
+    sims, idx = knn(queries, refs, 10)
+    exact_s = time.perf_counter() - t
+    exact = [[str(ids[j]) for j in row] for row in idx]
+    exact_hits = [[(str(ids[j]), float(s)) for s, j in zip(sr, ir)] for sr, ir in zip(sims, idx)]
+    bench_only, real_only = knn(queries, d["refs"], 10), knn(queries, real, 10)
+    real_ids = ids[:len(real)]
+    base = {"model": name, "label": str(d["label"]), "dim": dim, "n": len(refs), "real_refs": len(real),
+            "bench_refs": len(d["refs"]), "queries": len(queries), "true_pairs": len(gt),
+            "micro_ap_exact_1m": micro_ap(exact_hits, qids, gt),
+            "micro_ap_bench_only": micro_ap([[(str(d["refs_ids"][j]), float(s)) for s, j in zip(sr, ir)]
+                                             for sr, ir in zip(*bench_only)], qids, gt),
+            "micro_ap_real_only": micro_ap([[(str(real_ids[j]), float(s)) for s, j in zip(sr, ir)]
+                                            for sr, ir in zip(*real_only)], qids, gt),
+            "exact_numpy_faiss_s": round(exact_s, 1)}
+    print(json.dumps(base), file=sys.stderr)
+    del refs, synth, real
+    rows = []
+    for codes, ivf in configs:
+        plan = ivf_plan(n, codes, str(default_nlist(n)) if ivf else "off")
+        meta = new_meta({"sha256": f"scale-{name}", "name": name}, dim, {}, codes, "stem", plan,
+                        pq_subquantizers(dim) if codes == "pq" else None)
+        folder = tmp / f"{name}-{codes}-{ivf or 'flat'}"
+        built = in_child(child_build, meta, str(tmp / "refs.npy"), str(tmp / "ids.npy"), str(folder), threads)
+        disk = sum(f.stat().st_size for f in folder.iterdir())
+        nprobes = [p for p in NPROBES if p <= plan["nlist"]] if plan else [None]
+        res = in_child(child_search, str(folder), str(tmp / "queries.npy"), threads, nprobes)
+        shutil.rmtree(folder, ignore_errors=True)
+        for r in res["runs"]:
+            row = {**base, "codes": codes, **built, "bytes_per_ref": meta["bytes_per_reference"],
+                   "disk_mb": round(disk / 2**20, 1), **{k: v for k, v in res.items() if k != "runs"},
+                   **{k: v for k, v in r.items() if k != "hits"},
+                   "recall10_vs_exact": recall10(r["hits"], exact), "micro_ap": micro_ap(r["hits"], qids, gt)}
+            rows.append(row)
+            print(json.dumps({k: row[k] for k in ("model", "index", "nprobe", "disk_mb", "index_resident_mb",
+                                                  "build_s", "b1_p50_ms", "b64_p50_ms_per_q", "recall10_vs_exact",
+                                                  "micro_ap")}), file=sys.stderr, flush=True)
+    return rows
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n", type=int, default=50_000, help="references")
-    p.add_argument("--dim", type=int, default=128)
-    p.add_argument("--queries", type=int, default=1000, help="copies (and as many distractors)")
-    p.add_argument("--copy-cos", type=float, default=0.85)
-    p.add_argument("--codes", default="fp32,int8,binary,pq")
-    p.add_argument("--no-ivf", action="store_true", help="exhaustive indexes only")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--single", type=int, default=200, help="single-query searches timed")
-    p.add_argument("--milvus", action="store_true", help="also Milvus Lite (fp32, int8)")
+    p.add_argument("--bench", required=True, help="DISC2021-layout benchmark: planted copies and their pairs")
+    p.add_argument("--extra", action="append", default=[], help="folders of real distractor reference images")
+    p.add_argument("--model", action="append", required=True, help="NAME=SPEC (artifact path, or 'teacher')")
+    p.add_argument("--n", type=int, default=1_000_000, help="references per model")
+    p.add_argument("--codes", default=",".join(f"{c}:{i or 'flat'}" for c, i in CONFIGS),
+                   help="codes:flat|ivf list (default: all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", required=True, help="folder for the descriptor caches")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     import faiss
 
-    from rdcd.validate.index import FaissStore, ivf_plan, new_meta, pq_subquantizers
-    from rdcd.validate.search import knn
-
-    faiss.omp_set_num_threads(a.threads)
-    t0 = time.perf_counter()
-    refs, copies, distractors, src = synthetic(a.n, a.dim, a.queries, a.copy_cos)
-    queries = np.concatenate([copies, distractors])
-    ids = [f"R{i:07d}" for i in range(a.n)]
-    print(f"data: {a.n} x {a.dim} references, {len(queries)} queries in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    sims, idx = knn(queries, refs, 10)
-    exact = [[(ids[j], float(s)) for s, j in zip(sr, ir)] for sr, ir in zip(sims, idx)]
-    nlist = max(1, min(int(round(4 * math.sqrt(a.n))), a.n // 39, 65_536))
-    rows, tmp = [], Path(tempfile.mkdtemp(prefix="index-scale-"))
-    try:
-        for codes in a.codes.split(","):
-            variants = ["off"] if a.no_ivf else ([str(nlist)] if codes == "pq" else ["off", str(nlist)])
-            for ivf in variants:
-                plan = ivf_plan(a.n, codes, ivf)
-                meta = new_meta({"sha256": "synthetic", "name": "synthetic"}, a.dim, {}, codes, "stem", plan,
-                                pq_subquantizers(a.dim) if codes == "pq" else None)
-                t = time.perf_counter()
-                store = FaissStore.create(meta, refs)
-                store.add(ids, refs)
-                build_s = time.perf_counter() - t
-                folder = tmp / f"{codes}-{ivf}"
-                t = time.perf_counter()
-                store.save(folder)
-                save_s = time.perf_counter() - t
-                size = sum(f.stat().st_size for f in folder.iterdir())
-                s = timed_search(store, queries, 10, a.single)
-                row = {"backend": "faiss", "codes": codes, "index": meta["faiss"]["index"], "nprobe": (plan or {}).get("nprobe"),
-                       "build_s": round(build_s, 2), "save_s": round(save_s, 2), "disk_mb": round(size / 2**20, 1),
-                       "bytes_per_ref": meta["bytes_per_reference"], **{k: v for k, v in s.items() if k != "hits"},
-                       **quality(s["hits"], exact, a.queries, src)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
-                shutil.rmtree(folder, ignore_errors=True)
-                del store
-        if a.milvus:
-            from rdcd.validate.index_milvus import MilvusStore
-
-            for codes in ("fp32", "int8"):
-                meta = new_meta({"sha256": "synthetic", "name": "synthetic"}, a.dim, {}, codes, "stem", None, None,
-                                backend="milvus")
-                t = time.perf_counter()
-                store = MilvusStore.create(meta, str(tmp / f"{codes}.db"), f"scale_{codes}", refs)
-                store.add(ids, refs)
-                build_s = time.perf_counter() - t
-                s = timed_search(store, queries, 10, min(a.single, 50))
-                row = {"backend": "milvus-lite", "codes": codes, "index": meta["milvus"]["index_type"], "nprobe": None,
-                       "build_s": round(build_s, 2), "insert_per_s": round(a.n / build_s, 1),
-                       "disk_mb": round(sum(f.stat().st_size for f in (tmp / f"{codes}.db").rglob("*") if f.is_file()) / 2**20, 1),
-                       "bytes_per_ref": meta["bytes_per_reference"], **{k: v for k, v in s.items() if k != "hits"},
-                       **quality(s["hits"], exact, a.queries, src)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr)
-                store.close()
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    record = {"tool": "scripts/index-scale.py", "n": a.n, "dim": a.dim, "queries": len(queries), "copies": a.queries,
-              "copy_cos": a.copy_cos, "threads": a.threads, "faiss": faiss.__version__,
-              "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2)},
-              "rows": rows}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(record, indent=2) + "\n")
-    cols = ["backend", "index", "bytes_per_ref", "disk_mb", "build_s", "batch_qps", "single_ms_p50", "copy_top1",
-            "recall10_vs_exact"]
+    configs = [(c, None if i == "flat" else i) for c, i in (s.split(":") for s in a.codes.split(","))]
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out = Path(a.out)
+    record = json.loads(out.read_text()) if out.is_file() else {"rows": []}
+    for spec in a.model:
+        name, _, model = spec.partition("=")
+        desc = describe_all(name, model, Path(a.bench), a.extra, work, a.threads)
+        tmp = work / f"tmp-{name}"
+        tmp.mkdir(exist_ok=True)
+        try:
+            rows = run_model(name, desc, a.n, a.threads, tmp, configs)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        record["rows"] = [r for r in record["rows"] if r["model"] != name] + rows
+        record.update(tool="scripts/index-scale.py", n=a.n, threads=a.threads, faiss=faiss.__version__,
+                      host={"machine": platform.machine(), "cpus": os.cpu_count()},
+                      synthetic="Gaussian with the real references' mean and covariance, L2-normalised")
+        out.write_text(json.dumps(record, indent=1) + "\n")  # after each model: a long run keeps what it measured
+    cols = ["model", "index", "nprobe", "bytes_per_ref", "disk_mb", "index_resident_mb", "peak_rss_mb", "build_s",
+            "b1_p50_ms", "b1_p99_ms", "b64_p50_ms_per_q", "b64_p99_ms_per_q", "recall10_vs_exact", "micro_ap"]
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in rows:
+    for r in record["rows"]:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
     return 0
 

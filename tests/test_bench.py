@@ -88,7 +88,8 @@ def test_runtimes_import_no_torch(exports):
     code = textwrap.dedent("""
         import sys
         import numpy as np
-        from rdcd.validate.runtimes import device_info, load_runner
+        from rdcd.validate.device import device_info
+        from rdcd.validate.runtimes import load_runner
         r = load_runner(sys.argv[1], threads=1)
         d = r(np.zeros((2, int(sys.argv[2]), int(sys.argv[2]), 3), np.uint8))
         assert d.shape == (2, 128), d.shape
@@ -128,7 +129,12 @@ def test_bench_bad_usage(exports, tmp_path, capsys):
 
     model = str(exports / "model.onnx")
     assert "model not found" in fails("--model", str(tmp_path / "none.onnx"))
-    assert "--batch must be >= 1" in fails("--model", model, "--batch", "0")
+    for flag, value in (("--batch", "0"), ("--batch-size", "0"), ("--iters", "0"), ("--warmup", "-1"),
+                        ("--threads", "0"), ("--size", "8")):  # checked at parse time (cli types): exit 2, one line
+        with pytest.raises(SystemExit) as e:
+            bench_main(["--model", model, flag, value, "--json", str(tmp_path / "x.json")])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"argument {flag}: '{value}': must be" in err
     assert "tensorrt" in fails("--model", model, "--runtime", "tensorrt").lower()
     assert "image folder not found" in fails("--model", model, "--images", str(tmp_path / "nope"))
     dyn = dynamic_size_model(tmp_path / "mean.onnx")

@@ -187,7 +187,7 @@ def test_epoch_batches_split_ranks_and_resume_offset():
 
 
 def test_train_blocks_freezes_the_lower_stages_batchnorm_included():
-    from rdcd.distill.train import _train_mode, freeze_lower_stages
+    from rdcd.distill.student_utils import freeze_lower_stages, train_mode
     from rdcd.errors import RdcdError
     from rdcd.model import StudentConfig, build_student
 
@@ -198,14 +198,14 @@ def test_train_blocks_freezes_the_lower_stages_batchnorm_included():
     keep = (f"blocks.{n - 2}.", f"blocks.{n - 1}.", "conv_head.", "bn2.")
     assert trainable and all(k.startswith(keep) for k in trainable)
     assert not s.backbone.bn1.weight.requires_grad  # timm's BatchNormAct2d has children: frozen all the same
-    _train_mode(s, "train", frozen)
+    train_mode(s, "train", frozen)
     assert not s.backbone.bn1.training and s.backbone.bn2.training and s.fc.training
     with pytest.raises(RdcdError, match="only"):
         freeze_lower_stages(build_student(StudentConfig(input_size=SIZE), pretrained=False), n + 1)
 
 
 def test_lr_schedule_warmup_then_cosine_and_frozen_bn():
-    from rdcd.distill.train import _train_mode, lr_at
+    from rdcd.distill.student_utils import lr_at, train_mode
     from rdcd.model import StudentConfig, build_student
 
     assert [lr_at(s, 1.0, 4, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
@@ -213,13 +213,13 @@ def test_lr_schedule_warmup_then_cosine_and_frozen_bn():
     assert lr_at(9, 1.0, 4, 14) == pytest.approx(0.5)
     assert lr_at(14, 1.0, 4, 14) == pytest.approx(0.0, abs=1e-12)
     s = build_student(StudentConfig(input_size=SIZE), pretrained=False)
-    _train_mode(s, "frozen")
+    train_mode(s, "frozen")
     bns = [m for m in s.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and s.training and not any(m.training for m in bns)
     before = bns[0].running_mean.clone()
     s.features(torch.rand(2, 3, SIZE, SIZE))
     assert torch.equal(before, bns[0].running_mean)  # frozen statistics stay put
-    _train_mode(s, "train")
+    train_mode(s, "train")
     assert all(m.training for m in bns)
 
 
@@ -422,3 +422,32 @@ def test_teacher_stays_frozen_in_eval_and_baseline_mode(train_dir, tmp_path):
     from rdcd.model import load_student
 
     assert load_student(tmp_path / "b").config.feat_dim == 512
+
+
+def _losses_of_run(train_dir: Path, out: Path, steps: int, **settings) -> list[float]:
+    """The per-step losses (metrics.jsonl) of a real in-process run of ``steps`` full steps."""
+    from rdcd.distill.train import TrainConfig, train
+
+    cfg = TrainConfig(train_dir=str(train_dir), out=str(out), teacher=_teacher(), input_size=SIZE, batch_size=8,
+                      max_steps=steps, queue_size=16, rsd_queue_size=16, warmup_steps=2, workers=0, threads=1,
+                      device="cpu", progress=False, ckpt_every=1000, **settings)
+    train(cfg)
+    return [s["loss"] for s in _steps(out)]
+
+
+@pytest.mark.parametrize("mode, lr", [("rdcd", 5e-4), ("baseline", 1e-4)])
+def test_learning_happens_full_steps_lower_the_loss(mode, lr, train_dir, tmp_path):
+    """The full steps learn: over 24 steps the loss of the last 8 steps is clearly below that of steps 2-9
+    (step 1 has an empty teacher queue), and clearly below a control run on exactly the same batches, views
+    and teacher features whose updates are ~0 (lr 1e-9), which itself does not go down: a trainer that
+    stops applying its gradients, or follows the wrong sign, fails here."""
+    def window(losses):
+        return float(np.mean(losses[1:9])), float(np.mean(losses[-8:]))
+
+    trained = _losses_of_run(train_dir, tmp_path / "trained", 24, mode=mode, lr=lr)
+    control = _losses_of_run(train_dir, tmp_path / "control", 24, mode=mode, lr=1e-9)
+    assert len(trained) == len(control) == 24 and np.isfinite(trained + control).all()
+    (t0, t1), (c0, c1) = window(trained), window(control)
+    assert t1 < t0 - 0.1 * abs(t0), (trained, control)  # the loss goes down
+    assert t1 < c1 - 0.1 * abs(c1), (trained, control)  # because of the updates, not the batches drawn
+    assert not c1 < c0 - 0.1 * abs(c0), (trained, control)  # the control does not: the check can fail

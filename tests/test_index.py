@@ -106,7 +106,7 @@ def test_faiss_build_add_search_round_trip(exports, tiny_bench, split, direct_ua
     assert meta["model"]["sha256"] == sha256(exports / "model.onnx") and meta["model"]["artifact"] == "onnx-fp32"
     assert meta["dim"] == 128 and meta["preprocess"]["size"] == TEST_SIZE and meta["count"] == n_a
     assert meta["history"][0]["unreadable"] == 1 and meta["ivf"] is None
-    assert sorted(p.name for p in idx.iterdir()) == ["ids.json", "index.faiss", "index.json"]
+    assert sorted(p.name for p in idx.iterdir()) == ["ids.npz", "index.faiss", "index.json"]
 
     rc, out, _ = run(capsys, "add", "--index", idx, "--images", b)  # the index's own model
     assert rc == 0 and f"+{n_b} references" in out
@@ -131,6 +131,41 @@ def test_faiss_build_add_search_round_trip(exports, tiny_bench, split, direct_ua
     rc, out, _ = run(capsys, "info", "--index", idx)
     info = json.loads(out)
     assert rc == 0 and info["live"]["count"] == n_a + n_b and [h["op"] for h in info["history"]] == ["build", "add", "add"]
+
+
+def test_score_norm_matches_the_evaluation(exports, tiny_bench, tmp_path, capsys):
+    """--background at build + --score-norm at search give the µAP of rdcd-validate eval --score-norm."""
+    from rdcd.benchmark import load_benchmark
+    from rdcd.validate.evaluate import describe, evaluate_descriptors
+    from rdcd.validate.models import resolve_model
+
+    bench = load_benchmark(tiny_bench)
+    emb, spec, label = resolve_model(str(exports / "model.onnx"), threads=1)
+    desc = describe(bench, emb, spec, 32, with_training=True, label=label)
+    raw = evaluate_descriptors(bench, desc, k=10).metrics.micro_ap
+    normed = evaluate_descriptors(bench, desc, k=10, score_norm="1.0[0,2]").metrics.micro_ap
+    assert abs(normed - raw) > 1e-4  # the normalisation changes the cross-query ranking here
+
+    idx = tmp_path / "bg.idx"
+    assert run(capsys, "build", "--model", exports, "--images", tiny_bench / "references", "--out", idx,
+               "--background", tiny_bench / "training")[0] == 0
+    meta = json.loads((idx / "index.json").read_text())
+    assert meta["background"]["count"] == len(list((tiny_bench / "training").iterdir()))
+    assert (idx / "background.npy").is_file()
+    matches = tmp_path / "normed.csv"
+    assert run(capsys, "search", "--index", idx, "--images", tiny_bench / "queries", "--out", matches,
+               "--score-norm", "1.0[0,2]")[0] == 0
+    assert metrics(capsys, matches, tiny_bench / "ground_truth.csv")["micro_ap"] == pytest.approx(normed, abs=1e-6)
+    assert run(capsys, "add", "--index", idx, "--images", tiny_bench / "queries")[0] == 0
+    assert (idx / "background.npy").is_file()  # an add keeps the background
+
+    plain = tmp_path / "plain.idx"
+    assert run(capsys, "build", "--model", exports, "--images", tiny_bench / "references", "--out", plain)[0] == 0
+    assert "built without --background" in fails(capsys, "search", "--index", plain, "--images", tiny_bench / "queries",
+                                                 "--out", tmp_path / "x.csv", "--score-norm", "1.0[0,2]")
+    assert "BETA[START,END]" in fails(capsys, "search", "--index", idx, "--images", tiny_bench / "queries",
+                                      "--out", tmp_path / "x.csv", "--score-norm", "lots")
+    assert not (tmp_path / "x.csv").exists()
 
 
 @pytest.mark.parametrize("codes", ["fp32", "int8", "binary"])

@@ -133,7 +133,7 @@ def test_cli_bad_inputs_exit_2(export_dir, tmp_path, calib_dir, capsys):
 
 # ------------------------------------------------------------------------------------------- ONNX
 def test_onnx_qdq_models_are_valid_and_run(base_export, calib_images, tmp_path):
-    from rdcd.quantize.onnx_ptq import OnnxQuantizer, OrtEmbedder, Recipe, check_qdq
+    from rdcd.quantize.onnx_ptq import OnnxQuantizer, Recipe, check_qdq
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     with OnnxQuantizer(base_export / "model.onnx", calib_images) as q:
@@ -155,7 +155,7 @@ def test_onnx_qdq_models_are_valid_and_run(base_export, calib_images, tmp_path):
     # descriptors stay close to FP32 (this 96 px student has an untrained random head: the bar is loose, but
     # a broken quantization gives cosines near 0): the CPU model with ORT's integer kernels, the TensorRT
     # input with QDQ reference semantics (TensorRT's arithmetic; ORT's x86 kernels saturate on it)
-    for out in (OnnxRuntimeRunner(cpu, threads=2)(calib_images), OrtEmbedder(trt, reference=True)(calib_images)):
+    for out in (OnnxRuntimeRunner(cpu, threads=2)(calib_images), OnnxRuntimeRunner(trt, threads=2, reference=True)(calib_images)):
         cos = np.sum(out * fp32, axis=1) / np.linalg.norm(out, axis=1)
         assert cos.mean() > 0.85 and cos.min() > 0.6, cos
     import onnx

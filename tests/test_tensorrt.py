@@ -55,7 +55,8 @@ def _row(out: Path, name: str = "tensorrt-int8") -> dict:
 
 
 def test_manifest_row_engine_and_qdq_source(exports, tiny_bench):
-    from rdcd.quantize.onnx_ptq import OrtEmbedder, check_qdq
+    from rdcd.quantize.onnx_ptq import check_qdq
+    from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     man = Manifest.load(exports)
     assert [a["name"] for a in man.artifacts if a["target"] == "tensorrt"] == ["tensorrt-fp16", "tensorrt-int8"]
@@ -79,7 +80,7 @@ def test_manifest_row_engine_and_qdq_source(exports, tiny_bench):
     assert facts == art["qdq"]
     assert facts["activation_zero_points"] == [0] and facts["activation_dtypes"] == ["int8"]
     assert facts["input_dtype"] == "UINT8" and facts["quantized_layers"] > 20 and facts["per_channel_weights"] > 20
-    out = OrtEmbedder(qdq, threads=1, reference=True)(np.zeros((2, TEST_SIZE, TEST_SIZE, 3), np.uint8))
+    out = OnnxRuntimeRunner(qdq, threads=1, reference=True)(np.zeros((2, TEST_SIZE, TEST_SIZE, 3), np.uint8))
     assert out.shape == (2, 128) and np.isfinite(out).all()
     # the same batch profile as the FP16 engine
     opts, fp16 = art["produced_by"]["options"], man.get("tensorrt-fp16")["produced_by"]["options"]

@@ -15,10 +15,10 @@ input shape. Inputs are random uint8 RGB images (fixed seed) or real ones from `
 Measured per call of the runner (a batch of ``--batch-size`` images, host arrays in and out, so for GPU
 runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
 throughput in images/s. For TensorRT also the GPU compute time alone (``gpu_compute_ms``: CUDA
-events around ``execute_async_v3`` with the input already on the device, as trtexec reports it); a
-runner exposing ``last_gpu_ms`` (GPU time of its last call) gets it from there instead. The JSON records the device (CPU, board, Jetson power mode where readable), runtime
-and version, threads, batch and the model's sha256, so that ``rdcd-validate --bench-json`` /
-``rdcd-validate merge`` can put it into a gate report as a device column.
+events around ``execute_async_v3`` with the input already on the device, as trtexec reports it). The
+JSON records the device (CPU, board, Jetson power mode where readable), runtime and version, threads,
+batch and the model's sha256, so that ``rdcd-validate --bench-json`` / ``rdcd-validate merge`` can put
+it into a gate report as a device column.
 """
 
 from __future__ import annotations
@@ -57,28 +57,23 @@ def measure_latency(fn: Callable[[np.ndarray], object], batch: np.ndarray, warmu
     """Time ``fn(batch)`` ``iters`` times after ``warmup`` untimed calls.
 
     ``batches`` (optional) are cycled through instead of repeating one batch. Returns
-    ``{"latency_ms": summary, "throughput_ips": images per second, "gpu_compute_ms": summary | None}``;
-    the GPU part is filled when ``fn`` exposes ``last_gpu_ms`` after each call.
+    ``{"latency_ms": summary, "throughput_ips": images per second}``.
     """
     if iters < 1:
         raise RdcdError("iterations must be >= 1")
     inputs = list(batches) if batches else [batch]
     for i in range(max(0, warmup)):
         fn(inputs[i % len(inputs)])
-    times, gpu = [], []
+    times = []
     for i in range(iters):
         x = inputs[i % len(inputs)]
         t0 = time.perf_counter_ns()
         fn(x)
         times.append((time.perf_counter_ns() - t0) / 1e6)
-        g = getattr(fn, "last_gpu_ms", None)
-        if g is not None:
-            gpu.append(float(g))
     images = sum(len(inputs[i % len(inputs)]) for i in range(iters))
     total_s = sum(times) / 1e3
     return {"latency_ms": summarize_ms(times),
-            "throughput_ips": round(images / total_s, 2) if total_s > 0 else None,
-            "gpu_compute_ms": summarize_ms(gpu) if len(gpu) == iters else None}
+            "throughput_ips": round(images / total_s, 2) if total_s > 0 else None}
 
 
 def tensorrt_gpu_compute(runner, batch: np.ndarray, warmup: int, iters: int) -> tuple[dict | None, str | None]:
@@ -164,18 +159,6 @@ def _pick_entry(entries: list[dict], runtime: str) -> dict | None:
     return (same or entries or [None])[0]
 
 
-def _size_from_manifest(data: dict | None, entry: dict | None) -> int | None:
-    if entry:
-        size = (entry.get("input") or {}).get("size")
-        if isinstance(size, list) and size:
-            return int(size[0])
-        if isinstance(size, int):
-            return size
-    if data and isinstance(data.get("preprocess"), dict) and "size" in data["preprocess"]:
-        return int(data["preprocess"]["size"])
-    return None
-
-
 def _size_from_onnx_metadata(runner) -> int | None:
     session = getattr(runner, "session", None)
     if session is None or not hasattr(session, "get_modelmeta"):
@@ -211,7 +194,9 @@ def _size_from_runner(runner) -> int | None:
 def resolve_size(runner, model: Path, size: int | None, data: dict | None, entry: dict | None) -> tuple[int, str]:
     if size:
         return int(size), "--size"
-    for fn, where in ((lambda: _size_from_manifest(data, entry), "manifest.json"),
+    from rdcd.validate.models import manifest_input_size
+
+    for fn, where in ((lambda: manifest_input_size(data, entry), "manifest.json"),
                       (lambda: _size_from_onnx_metadata(runner), "ONNX metadata"),
                       (lambda: _size_from_runner(runner), "model input shape")):
         s = fn()
@@ -219,18 +204,6 @@ def resolve_size(runner, model: Path, size: int | None, data: dict | None, entry
             return int(s), where
     raise RdcdError(f"cannot tell the input size of {model.name}: no manifest.json beside it, no size in its "
                     f"metadata or input shape; pass --size")
-
-
-def _sha256(path: Path) -> str:
-    from rdcd.fsutil import sha256
-
-    return sha256(path)
-
-
-def _size_bytes(path: Path) -> int:
-    from rdcd.fsutil import size_bytes
-
-    return size_bytes(path)
 
 
 def make_inputs(size: int, batch: int, images: str | None, seed: int = 0, max_batches: int = 8) -> tuple[list[np.ndarray], str]:
@@ -268,18 +241,27 @@ def device_label(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+def _input_size(text: str) -> int:
+    """argparse ``type=`` for ``--size``: an image side of at least 16 pixels."""
+    size = cli.positive_int(text)
+    if size < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 16")
+    return size
+
+
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser(prog="rdcd-bench",
                            description="End-to-end latency of one exported descriptor model on this device "
                                        "(no torch needed). Writes a JSON that rdcd-validate can merge into its report.")
     p.add_argument("--model", required=True, help=".onnx, .xml (OpenVINO), .engine/.plan (TensorRT) or .mlpackage")
     p.add_argument("--runtime", default="auto", choices=RUNTIME_CHOICES, help="default: from the file type")
-    p.add_argument("--batch-size", dest="batch", type=int, default=1, help="images per call (default 1)")
-    p.add_argument("--batch", dest="batch", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    p.add_argument("--warmup", type=int, default=20, help="untimed calls first (default 20)")
-    p.add_argument("--iters", type=int, default=200, help="timed calls (default 200)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")
-    p.add_argument("--size", type=int, default=None, help="input size when no manifest/metadata says it")
+    p.add_argument("--batch-size", dest="batch", type=cli.positive_int, default=1, help="images per call (default 1)")
+    p.add_argument("--batch", dest="batch", type=cli.positive_int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=20, help="untimed calls first (default 20)")
+    p.add_argument("--iters", type=cli.positive_int, default=200, help="timed calls (default 200)")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
+                   help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")
+    p.add_argument("--size", type=_input_size, default=None, help="input size when no manifest/metadata says it")
     p.add_argument("--images", default=None, help="folder of real images to feed (default: random uint8 images)")
     p.add_argument("--label", default=None, help="device column title in reports (default: board or CPU / runtime)")
     p.add_argument("--seed", type=int, default=0)
@@ -288,18 +270,14 @@ def build_parser() -> cli.ArgumentParser:
 
 
 def run_bench(args, argv: Sequence[str] | None = None) -> dict:
-    for name, low in (("batch", 1), ("iters", 1), ("warmup", 0)):
-        if getattr(args, name) < low:
-            raise RdcdError(f"--{name} must be >= {low}")
-    if args.threads is not None and args.threads < 1:
-        raise RdcdError("--threads must be >= 1")
-    if args.size is not None and args.size < 16:
-        raise RdcdError("--size must be >= 16")
+    """The bench record for parsed arguments (checked at parse time by :func:`build_parser`)."""
     model = Path(args.model)
     if not model.exists():
         raise RdcdError(f"model not found: {model}")
+    from rdcd.fsutil import sha256, size_bytes
     from rdcd.validate.bench_checks import check_batch_memory, check_fixed_size
-    from rdcd.validate.runtimes import device_info, load_runner
+    from rdcd.validate.device import device_info, load_average
+    from rdcd.validate.runtimes import load_runner
 
     data, entries = _find_manifest_entries(model)
     runner = load_runner(model, runtime=args.runtime, threads=args.threads)
@@ -312,9 +290,7 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     if not isinstance(out, np.ndarray) or out.ndim != 2 or out.shape[0] != args.batch:
         raise RdcdError(f"{model.name} returned shape {getattr(out, 'shape', None)} for a batch of {args.batch}")
     m = measure_latency(runner, batches[0], args.warmup, args.iters, batches)
-    gpu_note = None
-    if m["gpu_compute_ms"] is None:
-        m["gpu_compute_ms"], gpu_note = tensorrt_gpu_compute(runner, batches[0], args.warmup, args.iters)
+    gpu_ms, gpu_note = tensorrt_gpu_compute(runner, batches[0], args.warmup, args.iters)
     desc = runner.describe()
     record = {
         "schema": SCHEMA,
@@ -322,7 +298,7 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
         "rdcd_version": __version__,
         "created": _now(),
         "label": args.label,
-        "model": {"path": str(model), "name": model.name, "sha256": _sha256(model), "size_bytes": _size_bytes(model),
+        "model": {"path": str(model), "name": model.name, "sha256": sha256(model), "size_bytes": size_bytes(model),
                   "artifact": entry.get("name") if entry else None,
                   "target": entry.get("target") if entry else None,
                   "precision": entry.get("precision") if entry else None},
@@ -335,7 +311,7 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
         "latency_ms": m["latency_ms"],
         "per_image_ms_p50": round(m["latency_ms"]["p50"] / args.batch, 4),
         "throughput_ips": m["throughput_ips"],
-        "gpu_compute_ms": m["gpu_compute_ms"],
+        "gpu_compute_ms": gpu_ms,
         "gpu_compute_note": gpu_note,
         "command": " ".join(["rdcd-bench", *(sys.argv[1:] if argv is None else argv)]),
     }
@@ -343,18 +319,10 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     return record
 
 
-def load_average() -> float | None:
-    """The 1-minute load average when the OS reports one: other work on the machine skews latency."""
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
 def _now() -> str:
-    import datetime as dt
+    from rdcd.manifest import now
 
-    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+    return now()
 
 
 def _main(argv: Sequence[str] | None) -> int:

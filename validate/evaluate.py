@@ -80,9 +80,3 @@ def evaluate_descriptors(bench: Benchmark, desc: Descriptors, k: int = 10, white
     sims, idx = knn(q, r, k)
     preds = predictions_from_knn(desc.query_ids, desc.ref_ids, sims, idx)
     return EvalResult(evaluate(preds, bench.gt_pairs), preds, "+".join(setting) or "raw", desc.dim)
-
-
-def evaluate_embedder(bench: Benchmark, embedder: Embedder, spec: PreprocessSpec, batch_size: int = 32,
-                      k: int = 10, whiten: bool = False, score_norm: str | None = None, label: str = "") -> EvalResult:
-    desc = describe(bench, embedder, spec, batch_size, with_training=whiten or bool(score_norm), label=label)
-    return evaluate_descriptors(bench, desc, k=k, whiten=whiten, score_norm=score_norm)

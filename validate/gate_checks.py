@@ -12,7 +12,7 @@ from rdcd.errors import GateFailed, RdcdError
 def check_gate_inputs(a, manifest) -> list[dict]:
     """Raise before any evaluation; returns the loaded ``--bench-json`` records."""
     from rdcd.validate import report as rep
-    from rdcd.validate.gate import INT8_CLASS
+    from rdcd.validate.gate_reference import INT8_CLASS
 
     if not (math.isfinite(a.max_drop) and a.max_drop >= 0):
         raise RdcdError(f"--max-drop must be a finite number >= 0, not {a.max_drop}")

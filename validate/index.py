@@ -6,7 +6,8 @@ An index is a folder::
       index.json    metadata (schema ``rdcd-index/1``): the model's sha256, descriptor dim, preprocessing,
                     code type, faiss / Milvus settings, reference count, history of builds and adds
       index.faiss   the faiss index (faiss backend only; binary codes: a faiss binary index)
-      ids.json      {"labels": [...], "ids": [...]}: faiss int64 label -> reference id (faiss backend only)
+      ids.npz       faiss int64 label -> reference id (faiss backend only; :mod:`rdcd.validate.index_ids`)
+      background.npy  descriptors of background images (``build --background DIR``), for ``search --score-norm``
 
 The whole folder is written next to itself and renamed into place (:func:`rdcd.fsutil.atomic_path`), so
 an interrupted ``build`` or ``add`` leaves the previous index intact and no temporary files. With
@@ -24,7 +25,8 @@ Codes (``--codes``), all scored so that higher is more similar:
 
 IVF (``--ivf auto``) follows faiss's guidelines: exhaustive search below :data:`IVF_AUTO_MIN` references,
 else ``nlist = 4 * sqrt(N)`` lists (at most N / 39 so each list has 39 training points, at most 65,536),
-searched with ``nprobe = max(8, nlist / 16)``; PQ codes always use IVF. An index trained on N references
+searched with ``nprobe = max(8, nlist / 16)``, its k-means trained on at most :data:`IVF_TRAIN_PER_LIST`
+references per list; PQ codes always use IVF. An index trained on N references
 keeps its centroids / ranges when references are added later (``trained_on`` in the metadata).
 """
 
@@ -40,17 +42,21 @@ from typing import Sequence
 import numpy as np
 
 from rdcd.errors import RdcdError
+from rdcd.validate.index_ids import IdTable
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "rdcd-index/1"
 META_FILE = "index.json"
 FAISS_FILE = "index.faiss"
-IDS_FILE = "ids.json"
+BACKGROUND_FILE = "background.npy"
 CODES = ("fp32", "int8", "binary", "pq")
 #: ``--ivf auto``: exhaustive (exact for fp32) search below this many references.
 IVF_AUTO_MIN = 200_000
 MAX_NLIST = 65_536
+#: k-means of the IVF lists samples at most this many references per list (faiss: 30 to 256 per centroid);
+#: 64 keeps the 512-d teacher's 1M-reference build in minutes on a 2-core CPU.
+IVF_TRAIN_PER_LIST = 64
 #: faiss warns below 39 training points per centroid; PQ's 256 centroids per sub-quantizer need this many.
 MIN_PQ_TRAIN = 1_000
 
@@ -75,8 +81,7 @@ def ivf_plan(n: int, codes: str, ivf: str | int = "auto") -> dict | None:
     if ivf == "auto":
         if codes != "pq" and n < IVF_AUTO_MIN:
             return None
-        nlist = int(round(4 * math.sqrt(max(n, 1))))
-        nlist = max(1, min(nlist, n // 39 or 1, MAX_NLIST))
+        nlist = default_nlist(n)
     else:
         try:
             nlist = int(ivf)
@@ -87,6 +92,11 @@ def ivf_plan(n: int, codes: str, ivf: str | int = "auto") -> dict | None:
         if nlist > n:
             raise RdcdError(f"--ivf {nlist} needs at least {nlist} references to train its centroids, got {n}")
     return {"nlist": nlist, "nprobe": min(nlist, max(8, nlist // 16))}
+
+
+def default_nlist(n: int) -> int:
+    """faiss's guideline for ``n`` references: 4 sqrt(n) lists, at most n / 39 and :data:`MAX_NLIST`."""
+    return max(1, min(int(round(4 * math.sqrt(max(n, 1)))), n // 39 or 1, MAX_NLIST))
 
 
 def pq_subquantizers(dim: int, m: int | None = None) -> int:
@@ -156,11 +166,8 @@ class FaissStore:
 
     backend = "faiss"
 
-    def __init__(self, meta: dict, index, labels: list[int], ids: list[str]):
-        self.meta, self.index = meta, index
-        self.label_of = dict(zip(ids, labels))
-        self.id_of = dict(zip(labels, ids))
-        self.next_label = max(labels, default=-1) + 1
+    def __init__(self, meta: dict, index, table: IdTable):
+        self.meta, self.index, self.table = meta, index, table
 
     # -- construction
     @classmethod
@@ -181,11 +188,12 @@ class FaissStore:
             meta["binary"] = {"center": binary.mean.tolist(), "bit_order": "numpy.packbits (big-endian)"}
             if nlist:
                 base = faiss.IndexBinaryIVF(faiss.IndexBinaryFlat(d), d, nlist)
+                base.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
                 base.train(binary.encode(train))
                 base.nprobe = ivf["nprobe"]
                 index = base  # IVF indexes store the labels themselves
             else:
-                index = faiss.IndexBinaryIDMap2(faiss.IndexBinaryFlat(d))
+                index = faiss.IndexBinaryIDMap(faiss.IndexBinaryFlat(d))
         else:
             if codes == "fp32":
                 base = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, ip) if nlist else faiss.IndexFlatIP(d)
@@ -198,33 +206,34 @@ class FaissStore:
             if codes == "pq" and len(train) < 39 * 256:
                 log.warning("pq: %d references train codebooks of 256 centroids (faiss advises >= %d)", len(train), 39 * 256)
                 base.pq.cp.min_points_per_centroid = 1  # one warning here instead of one per sub-quantizer
+            if nlist:
+                base.cp.max_points_per_centroid = IVF_TRAIN_PER_LIST
             if not base.is_trained:
                 base.train(train)
             if nlist:
                 base.nprobe = ivf["nprobe"]
-            # IndexIVF keeps the labels it is given (and IndexIDMap2's removal would misalign them);
-            # flat code indexes get an IndexIDMap2
-            index = base if nlist else faiss.IndexIDMap2(base)
+            # IndexIVF keeps the labels it is given; flat code indexes get an IndexIDMap (not IDMap2,
+            # whose reverse hash map costs ~40 bytes per reference and serves only reconstruct())
+            index = base if nlist else faiss.IndexIDMap(base)
         meta["trained_on"] = int(len(train))
         meta["faiss"] = {"file": FAISS_FILE, "version": faiss.__version__, "index": describe_faiss(codes, d, ivf, meta.get("pq_m"))}
-        return cls(meta, index, [], [])
+        return cls(meta, index, IdTable())
 
     @classmethod
     def load(cls, folder: str | os.PathLike, meta: dict) -> "FaissStore":
         faiss = _faiss()
         folder = Path(folder)
-        path, ids_path = folder / FAISS_FILE, folder / IDS_FILE
-        if not path.is_file() or not ids_path.is_file():
-            raise RdcdError(f"index {folder} is incomplete: {FAISS_FILE} or {IDS_FILE} is missing")
+        path = folder / FAISS_FILE
+        if not path.is_file():
+            raise RdcdError(f"index {folder} is incomplete: {FAISS_FILE} is missing")
+        table = IdTable.load(folder)
         try:
             index = faiss.read_index_binary(str(path)) if meta["codes"] == "binary" else faiss.read_index(str(path))
-            table = json.loads(ids_path.read_text())
-            labels, ids = [int(v) for v in table["labels"]], [str(v) for v in table["ids"]]
-        except (RuntimeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        except RuntimeError as exc:
             raise RdcdError(f"cannot read index {folder}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        if len(labels) != len(ids) or len(ids) != index.ntotal:
-            raise RdcdError(f"index {folder} is inconsistent: {index.ntotal} vectors, {len(ids)} ids")
-        return cls(meta, index, labels, ids)
+        if len(table) != index.ntotal:
+            raise RdcdError(f"index {folder} is inconsistent: {index.ntotal} vectors, {len(table)} ids")
+        return cls(meta, index, table)
 
     # -- content
     @property
@@ -232,7 +241,8 @@ class FaissStore:
         return int(self.index.ntotal)
 
     def has(self, ids: Sequence[str]) -> set[str]:
-        return {i for i in ids if i in self.label_of}
+        known = self.table.label_of()
+        return {i for i in ids if i in known}
 
     def _encode(self, x: np.ndarray) -> np.ndarray:
         if self.meta["codes"] == "binary":
@@ -244,19 +254,13 @@ class FaissStore:
         vectors = _f32(vectors)
         if vectors.ndim != 2 or vectors.shape != (len(ids), int(self.meta["dim"])):
             raise RdcdError(f"expected {len(ids)} descriptors of dim {self.meta['dim']}, got {vectors.shape}")
-        dup = check_new_ids(ids, self.label_of, replace)
+        dup = check_new_ids(ids, self.table.label_of() if len(self.table) else {}, replace)
         if dup:
-            old = np.asarray([self.label_of[i] for i in dup], dtype=np.int64)
+            old = self.table.remove(dup)
             removed = self.index.remove_ids(old)
             if removed != len(old):
                 raise RdcdError(f"faiss removed {removed} of {len(old)} replaced references")
-            for i in dup:
-                self.id_of.pop(self.label_of.pop(i))
-        labels = np.arange(self.next_label, self.next_label + len(ids), dtype=np.int64)
-        self.index.add_with_ids(self._encode(vectors), labels)
-        self.next_label += len(ids)
-        for i, lab in zip(ids, labels.tolist()):
-            self.label_of[i], self.id_of[lab] = lab, i
+        self.index.add_with_ids(self._encode(vectors), self.table.append(ids))
         self.meta["count"] = self.count
         return len(ids) - len(dup), len(dup)
 
@@ -272,8 +276,9 @@ class FaissStore:
         scores, labels = self.index.search(self._encode(queries), k)
         if self.meta["codes"] == "binary":
             scores = 1.0 - 2.0 * scores.astype(np.float32) / int(self.meta["dim"])
-        return [[(self.id_of[int(lab)], float(sc)) for sc, lab in zip(srow, lrow) if lab >= 0]
-                for srow, lrow in zip(scores, labels)]
+        ids = self.table.ids_of(labels.ravel())
+        return [[(i, float(sc)) for sc, i in zip(srow.tolist(), ids[r * k:(r + 1) * k]) if i is not None]
+                for r, srow in enumerate(scores)]
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write index, id table and metadata into a fresh folder and rename it over ``folder``."""
@@ -282,11 +287,11 @@ class FaissStore:
 
         faiss = _faiss()
         self.meta.update(count=self.count, updated=now())
-        pairs = sorted(self.id_of.items())
         with atomic_path(folder, suffix="") as tmp:
             tmp.mkdir()
             (faiss.write_index_binary if self.meta["codes"] == "binary" else faiss.write_index)(self.index, str(tmp / FAISS_FILE))
-            write_json(tmp / IDS_FILE, {"labels": [p[0] for p in pairs], "ids": [p[1] for p in pairs]})
+            self.table.save(tmp)
+            save_background(tmp, self.meta)
             write_json(tmp / META_FILE, public_meta(self.meta))
         return Path(folder)
 
@@ -295,6 +300,21 @@ class FaissStore:
 
     def close(self) -> None:
         pass
+
+
+def save_background(folder: Path, meta: dict) -> None:
+    """Write the background descriptors (``--background``, for ``--score-norm``) into an index folder being saved."""
+    bg = meta.get("_background")
+    if bg is not None:
+        np.save(folder / BACKGROUND_FILE, _f32(bg), allow_pickle=False)
+
+
+def load_background(folder: Path, meta: dict) -> None:
+    if meta.get("background"):
+        try:
+            meta["_background"] = np.load(Path(folder) / BACKGROUND_FILE, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise RdcdError(f"index {folder}: cannot read {BACKGROUND_FILE}: {exc}") from None
 
 
 def _folder_bytes(folder) -> int | None:
@@ -306,17 +326,18 @@ def _folder_bytes(folder) -> int | None:
 
 
 def describe_faiss(codes: str, dim: int, ivf: dict | None, pq_m: int | None) -> str:
-    """A faiss-factory-like name of the index, e.g. ``IDMap2,SQ8 (IP)`` or ``IVF4000,PQ32 (IP)``."""
+    """A faiss-factory-like name of the index, e.g. ``IDMap,SQ8 (IP)`` or ``IVF4000,PQ32 (IP)``."""
     if codes == "binary":
-        return f"BIVF{ivf['nlist']},B{dim} (Hamming)" if ivf else f"BIDMap2,BFlat{dim} (Hamming)"
+        return f"BIVF{ivf['nlist']},B{dim} (Hamming)" if ivf else f"BIDMap,BFlat{dim} (Hamming)"
     body = {"fp32": "Flat", "int8": "SQ8", "pq": f"PQ{pq_m}x8"}[codes]
-    return f"IVF{ivf['nlist']},{body} (IP)" if ivf else f"IDMap2,{body} (IP)"
+    return f"IVF{ivf['nlist']},{body} (IP)" if ivf else f"IDMap,{body} (IP)"
 
 
 def open_store(folder: str | os.PathLike, meta: dict | None = None, uri: str | None = None, token: str | None = None):
     """The backend of an existing index folder (faiss files, or the Milvus collection it names)."""
     meta = meta or read_meta(folder)
     meta["_folder"] = str(folder)
+    load_background(folder, meta)
     if meta["backend"] == "faiss":
         if uri:
             raise RdcdError(f"index {folder} is a faiss index: --uri applies to Milvus indexes only")

@@ -3,9 +3,11 @@
 ::
 
     rdcd-index build  --model ARTIFACT_OR_EXPORT_DIR --images DIR --out INDEX [--codes fp32|int8|binary|pq]
-                      [--ivf auto|off|NLIST] [--ids stem|relpath] [--uri URI [--collection NAME]] [--force]
+                      [--ivf auto|off|NLIST] [--ids stem|relpath] [--background DIR]
+                      [--uri URI [--collection NAME]] [--force]
     rdcd-index add    --index INDEX --images DIR [--replace]
     rdcd-index search --index INDEX --images QDIR --out matches.csv [--k 10] [--threshold auto|FLOAT] [--nprobe N]
+                      [--score-norm 1.0[0,2]]
     rdcd-index info   --index INDEX
 
 An exported artifact (``.onnx``, ``.xml``, ``.engine``, ``.mlpackage``, or an export folder with
@@ -16,7 +18,9 @@ An exported artifact (``.onnx``, ``.xml``, ``.engine``, ``.mlpackage``, or an ex
 ``rdcd-validate metrics``), best ``--k`` per query, keeping scores >= ``--threshold``; ``auto`` is the
 score at precision 0.9 that the gate measured for this model (``threshold_at_p90`` in a gate
 ``report.json`` given with ``--report`` or found beside the model, or in its manifest row). ``add`` and
-``search`` refuse a model whose sha256 differs from the index's. Backends and format:
+``search`` refuse a model whose sha256 differs from the index's. ``--score-norm`` shifts each query's
+scores by its similarity to the background set kept at build time (:class:`rdcd.validate.search.ScoreNorm`,
+the code of ``rdcd-validate eval --score-norm``). Backends and format:
 :mod:`rdcd.validate.index`, :mod:`rdcd.validate.index_milvus`; inputs: :mod:`rdcd.validate.index_inputs`. Exit codes: 0, 2 on bad input (one line).
 """
 
@@ -31,7 +35,7 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import RdcdError
-from rdcd.validate.index import CODES, META_FILE, FaissStore, ivf_plan, new_meta, open_store, pq_subquantizers, \
+from rdcd.validate.index import BACKGROUND_FILE, CODES, META_FILE, FaissStore, ivf_plan, new_meta, open_store, pq_subquantizers, \
     public_meta, read_meta
 from rdcd.validate.index_inputs import check_model, describe_folder, find_operating_point, list_folder, load_model, \
     resolve_threshold
@@ -63,6 +67,7 @@ def _build(a) -> int:
             raise RdcdError("Milvus Lite has no binary vectors: use --codes binary without --uri (faiss) or a server --uri")
     t0 = time.perf_counter()
     paths, ids = list_folder(a.images, a.ids)
+    background = list_folder(a.background, "stem") if a.background else None
     runner, spec, model = load_model(a)
     ids, vecs, bad = describe_folder(runner, spec, paths, ids, a.batch_size, a.log_every, "references")
     dim = vecs.shape[1]
@@ -70,6 +75,11 @@ def _build(a) -> int:
     meta = new_meta(model, dim, spec.to_dict(), a.codes, a.ids, ivf_plan(len(vecs), a.codes, a.ivf), pq_m,
                     backend="milvus" if a.uri else "faiss")
     meta["operating_point"] = find_operating_point(model, a.report)
+    if background:
+        _, meta["_background"], bg_bad = describe_folder(runner, spec, *background, a.batch_size, a.log_every,
+                                                         "background")
+        meta["background"] = {"file": BACKGROUND_FILE, "count": len(meta["_background"]), "unreadable": bg_bad,
+                              "images": str(Path(a.background).resolve())}
     if a.uri:
         from rdcd.validate.index_milvus import MilvusStore, default_collection
 
@@ -129,6 +139,17 @@ def _search(a) -> int:
     cli.writable_file(a.out, "--out", clean=True)
     meta, store = _open(a)
     runner, spec, model = _model_for(a, meta)
+    norm = None
+    if a.score_norm:
+        from rdcd.validate.search import ScoreNorm
+
+        norm = ScoreNorm.parse(a.score_norm)
+        if meta.get("_background") is None:
+            raise RdcdError(f"--score-norm needs background descriptors: index {a.index} was built without "
+                            f"--background DIR")
+        if a.threshold == "auto":
+            raise RdcdError("--threshold auto is the gate's operating point for raw scores: with --score-norm "
+                            "give a number")
     thr = resolve_threshold(a.threshold, meta, model, a.report)
     paths, qids = list_folder(a.images, a.ids or "stem")
     qids, vecs, bad = describe_folder(runner, spec, paths, qids, a.batch_size, a.log_every, "queries")
@@ -136,6 +157,9 @@ def _search(a) -> int:
         raise RdcdError(f"the model gives {vecs.shape[1]}-d descriptors, the index holds {meta['dim']}-d")
     hits = store.search(vecs, a.k, a.nprobe)
     store.close()
+    if norm is not None:  # SSCD's normalisation, as rdcd-validate eval --score-norm: shift each query's scores
+        shift = norm.offsets(vecs, meta["_background"])[:, 0].tolist()
+        hits = [[(ref, score + d) for ref, score in row] for row, d in zip(hits, shift)]
     from rdcd.fsutil import atomic_path
 
     rows = 0
@@ -193,6 +217,8 @@ def build_parser() -> cli.ArgumentParser:
     b.add_argument("--ids", default="stem", choices=("stem", "relpath"), help="reference ids (default: file stem)")
     b.add_argument("--report", default=None, help="gate report.json whose threshold_at_p90 the index records")
     b.add_argument("--force", action="store_true", help="replace an existing index / Milvus collection")
+    b.add_argument("--background", default=None,
+                   help="folder of background images (not copies of the references) kept for search --score-norm")
     milvus_args(b)
     b.add_argument("--collection", default=None, help="Milvus collection (default rdcd_<index folder name>)")
     ad = sub.add_parser("add", help="add reference images to an index")
@@ -209,6 +235,9 @@ def build_parser() -> cli.ArgumentParser:
     s.add_argument("--threshold", default=None, help="keep scores >= this; auto: the gate's threshold_at_p90")
     s.add_argument("--report", default=None, help="gate report.json (or its folder) for --threshold auto")
     s.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: the index's)")
+    s.add_argument("--score-norm", default=None,
+                   help="BETA[START,END], e.g. 1.0[0,2]: subtract BETA x the mean of the query's START..END-th "
+                        "background similarities (SSCD; needs build --background)")
     s.add_argument("--ids", default=None, choices=("stem", "relpath"), help="query ids (default stem)")
     milvus_args(s)
     i = sub.add_parser("info", help="print an index's metadata as JSON")

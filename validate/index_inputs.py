@@ -51,7 +51,7 @@ def load_model(args) -> tuple[object, object, dict]:
     """(runner, PreprocessSpec, model record with sha256) for ``--model``."""
     from rdcd.preprocess import PreprocessSpec
     from rdcd.validate.bench import _find_manifest_entries, _pick_entry, resolve_size
-    from rdcd.validate.gate import content_key
+    from rdcd.validate.gate_rows import content_key
     from rdcd.validate.runtimes import load_runner
 
     path = resolve_artifact(args.model, getattr(args, "artifact", None))

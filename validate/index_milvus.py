@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError
-from rdcd.validate.index import META_FILE, MIN_PQ_TRAIN, check_new_ids, public_meta
+from rdcd.validate.index import META_FILE, MIN_PQ_TRAIN, check_new_ids, public_meta, save_background
 
 log = logging.getLogger(__name__)
 
@@ -251,6 +251,7 @@ class MilvusStore:
         with atomic_path(folder, suffix="") as tmp:
             tmp.mkdir()
             write_json(tmp / META_FILE, public_meta(self.meta))
+            save_background(tmp, self.meta)
         return Path(folder)
 
     def stats(self) -> dict:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError
+from rdcd.validate.cuda import cuda_backend
 
 RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "coreml")
 
@@ -47,9 +48,16 @@ class Runner:
 
 
 class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime session (the one onnxruntime runner: gate, bench, export parity, rdcd-quantize).
+
+    ``reference=True`` runs a QDQ model with float semantics (no graph optimisation, so no integer
+    kernels): the prediction for TensorRT, which rdcd-quantize and the parity checks use.
+    """
+
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None,
+                 reference: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -58,11 +66,14 @@ class OnnxRuntimeRunner(Runner):
         if not self.path.is_file():
             raise RdcdError(f"ONNX model not found: {self.path}")
         opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
+                                         else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+        opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         self.threads = threads
+        self.reference = reference
         try:
             self.session = ort.InferenceSession(str(self.path), opts, providers=providers or ["CPUExecutionProvider"])
         except Exception as exc:
@@ -106,41 +117,6 @@ def load_runner(path: str | os.PathLike, runtime: str = "auto", threads: int | N
     if runtime == "coreml":
         return CoreMLRunner(path)
     raise RdcdError(f"unknown runtime {runtime!r}: choose from auto, {', '.join(RUNTIMES)}")
-
-
-def device_info() -> dict:
-    """What machine this is, as far as it can be read without extra packages."""
-    info = {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    model = Path("/proc/device-tree/model")
-    if model.exists():  # Jetson and other ARM boards
-        info["board"] = model.read_text(errors="ignore").strip("\x00 \n")
-    nvp = Path("/etc/nvpmodel.conf")
-    if nvp.exists():
-        info["power_mode"] = _jetson_power_mode()
-    if platform.system() == "Darwin":
-        info["mac_ver"] = platform.mac_ver()[0]
-    return info
-
-
-def _jetson_power_mode() -> str | None:
-    import shutil
-    import subprocess
-
-    if shutil.which("nvpmodel"):
-        try:
-            out = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=5).stdout
-            return " ".join(out.split())
-        except (OSError, subprocess.SubprocessError):
-            return None
-    return None
 
 
 class OpenVINORunner(Runner):
@@ -228,143 +204,6 @@ class CoreMLRunner(Runner):
         return {"runtime": self.name, "version": self.version, "compute_units": self.compute_units}
 
 
-def cuda_devices() -> tuple[int, str]:
-    """(number of CUDA devices, why none) through cuda-python or pycuda; never imports torch."""
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
-        cudart = None
-    if cudart is not None:
-        try:
-            err, count = cudart.cudaGetDeviceCount()
-        except Exception as exc:  # a broken CUDA install
-            return 0, f"CUDA runtime unusable: {exc}"
-        if err != cudart.cudaError_t.cudaSuccess:
-            return 0, _cudart_error(cudart, err)
-        return int(count), "" if count else "no CUDA device"
-    try:
-        import pycuda.driver as pcuda
-    except ImportError:
-        return 0, "neither cuda-python nor pycuda is installed"
-    try:
-        pcuda.init()
-        count = pcuda.Device.count()
-    except Exception as exc:
-        return 0, f"CUDA driver: {str(exc).splitlines()[0]}"
-    return int(count), "" if count else "no CUDA device"
-
-
-def _cudart_error(cudart, err) -> str:
-    try:
-        msg = cudart.cudaGetErrorString(err)[1]
-        msg = msg.decode() if isinstance(msg, bytes) else str(msg)
-    except Exception:
-        msg = ""
-    name = getattr(err, "name", str(err))
-    return f"{name}: {msg}" if msg else name
-
-
-class _CudaRT:
-    """Device memory and a stream through cuda-python's runtime API."""
-
-    def __init__(self, cudart):
-        self.rt = cudart
-        self.stream = self._call(cudart.cudaStreamCreate())
-
-    def _call(self, res):
-        err, *rest = res if isinstance(res, tuple) else (res,)
-        if err != self.rt.cudaError_t.cudaSuccess:
-            raise RdcdError(f"CUDA error {_cudart_error(self.rt, err)}")
-        return rest[0] if len(rest) == 1 else (rest or None)
-
-    def malloc(self, nbytes: int) -> int:
-        return int(self._call(self.rt.cudaMalloc(max(int(nbytes), 1))))
-
-    def free(self, ptr: int) -> None:
-        self._call(self.rt.cudaFree(ptr))
-
-    def htod(self, ptr: int, host: np.ndarray) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-        self._call(self.rt.cudaMemcpyAsync(ptr, host.ctypes.data, host.nbytes, kind, self.stream))
-
-    def dtoh(self, host: np.ndarray, ptr: int) -> None:
-        kind = self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        self._call(self.rt.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes, kind, self.stream))
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self.stream)
-
-    def synchronize(self) -> None:
-        self._call(self.rt.cudaStreamSynchronize(self.stream))
-
-    def close(self) -> None:
-        self.rt.cudaStreamDestroy(self.stream)
-
-
-class _PyCuda:
-    """The same through pycuda (its primary context on device 0)."""
-
-    def __init__(self, pcuda):
-        self.cuda = pcuda
-        pcuda.init()
-        self.ctx = pcuda.Device(0).retain_primary_context()
-        self.ctx.push()
-        self.stream = pcuda.Stream()
-        self._allocs: dict[int, object] = {}
-
-    def malloc(self, nbytes: int) -> int:
-        alloc = self.cuda.mem_alloc(max(int(nbytes), 1))
-        self._allocs[int(alloc)] = alloc
-        return int(alloc)
-
-    def free(self, ptr: int) -> None:
-        alloc = self._allocs.pop(ptr, None)
-        if alloc is not None:
-            alloc.free()
-
-    def htod(self, ptr: int, host: np.ndarray) -> None:
-        self.cuda.memcpy_htod(ptr, host)  # pageable host memory: synchronous copies
-
-    def dtoh(self, host: np.ndarray, ptr: int) -> None:
-        self.stream.synchronize()
-        self.cuda.memcpy_dtoh(host, ptr)
-
-    @property
-    def stream_handle(self) -> int:
-        return int(self.stream.handle)
-
-    def synchronize(self) -> None:
-        self.stream.synchronize()
-
-    def close(self) -> None:
-        try:
-            self.ctx.pop()
-        except Exception:
-            pass
-
-
-def _cuda_backend():
-    count, why = cuda_devices()
-    if not count:
-        from rdcd.errors import RuntimeUnavailable
-
-        raise RuntimeUnavailable(f"no NVIDIA GPU usable here ({why})")
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart
-        return _CudaRT(cudart)
-    except ImportError:
-        import pycuda.driver as pcuda
-
-        return _PyCuda(pcuda)
-
-
 class TensorRTRunner(Runner):
     """A serialized TensorRT engine (TensorRT >= 10 tensor API), CUDA memory via cuda-python or pycuda.
 
@@ -386,7 +225,7 @@ class TensorRTRunner(Runner):
             raise RdcdError(f"TensorRT engine not found: {self.path}")
         self.trt = trt
         self.version = trt.__version__
-        self.cuda = _cuda_backend()
+        self.cuda = cuda_backend()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engine = self.runtime.deserialize_cuda_engine(self.path.read_bytes())

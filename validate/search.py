@@ -100,11 +100,16 @@ class ScoreNorm:
         except ValueError:
             raise RdcdError(f"bad score normalisation {spec!r}: expected BETA[START,END], e.g. 1.0[0,2]") from None
 
-    def apply(self, queries: np.ndarray, refs: np.ndarray, background: np.ndarray):
+    def offsets(self, queries: np.ndarray, background: np.ndarray | None) -> np.ndarray:
+        """The per-query score shift, ``-beta x`` mean of its ``start..end`` background similarities (N x 1)."""
         if background is None or len(background) <= self.end:
             raise RdcdError(f"score normalisation needs more than {self.end} background (training/) images")
         sims, _ = knn(queries, background, self.end + 1)
-        adj = -self.beta * sims[:, self.start: self.end + 1].mean(axis=1, keepdims=True)
+        return (-self.beta * sims[:, self.start: self.end + 1].mean(axis=1, keepdims=True)).astype(np.float32)
+
+    def apply(self, queries: np.ndarray, refs: np.ndarray, background: np.ndarray):
+        """Queries and references with one extra dimension, so that inner products are normalised scores."""
+        adj = self.offsets(queries, background)
         return (np.concatenate([_f32(queries), adj.astype(np.float32)], axis=1),
                 np.concatenate([_f32(refs), np.ones((len(refs), 1), np.float32)], axis=1))
 

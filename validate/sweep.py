@@ -89,7 +89,7 @@ def _baseline_point(spec: str, bench, a) -> dict:
 
 def run_sweep(a) -> dict:
     from rdcd.benchmark import load_benchmark
-    from rdcd.validate.runtimes import device_info
+    from rdcd.validate.device import device_info
 
     sizes = _sizes(a.sizes)
     bench = load_benchmark(a.benchmark)
