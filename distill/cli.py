@@ -30,7 +30,7 @@ import sys
 from typing import Sequence
 
 from rdcd import cli
-from rdcd.distill.config import GROUPS, RECIPE_FIELDS, RECIPES, TrainConfig, from_options  # noqa: F401 (re-exported)
+from rdcd.distill.config import GROUPS, RECIPE_FIELDS, RECIPES, TrainConfig, from_options
 
 #: The HeadConfig fields with a ``--head-*`` option, and the group they are listed in.
 _HEAD_OPTIONS = ("mode", "init", "hn_weight", "lr", "batch_size")

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from rdcd.cli import ArgumentParser, positive_int, run, setup_logging, writable_dir
+from rdcd.cli import ArgumentParser, parse_targets, positive_int, run, setup_logging, writable_dir
+from rdcd.manifest import TARGETS
 from rdcd.errors import RdcdError
 
 log = logging.getLogger("rdcd.export")
@@ -56,7 +57,7 @@ def build_parser() -> ArgumentParser:
                    help="fold a PCA-whitening fitted on these unlabelled images (e.g. your reference collection) into "
                         "the exported projector; the folder's hash goes into the manifest (students only)")
     p.add_argument("--int8", action="store_true", help="also quantize to INT8 through the quantize stage "
-                   "(rdcd.quantize.api.quantize_export)")
+                   "(rdcd.quantize.quantize)")
     p.add_argument("--calib-dir", metavar="DIR", dest="calib", help="calibration images for --int8 (required with it)")
     p.add_argument("--calib", dest="calib", default=hidden, help=hidden)
     p.add_argument("--calib-count", type=positive_int, default=None, metavar="N",
@@ -143,7 +144,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from rdcd.export import api, parity
     from rdcd.export import source as S
 
-    targets = api.parse_targets(args.target)
+    targets = parse_targets(args.target, default=TARGETS)
     if args.out:  # an --out that cannot be written fails before the model is loaded
         writable_dir(args.out, "--out", clean=True)
     # everything that can be wrong with the input fails here, before any slow work

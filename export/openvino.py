@@ -48,16 +48,3 @@ def convert(onnx_path: str | os.PathLike, xml_path: str | os.PathLike, precision
         os.replace(tmp_xml.with_suffix(".bin"), xml_path.with_suffix(".bin"))
         os.replace(tmp_xml, xml_path)
     return xml_path
-
-
-def files(xml_path: Path) -> list[Path]:
-    return [xml_path, xml_path.with_suffix(".bin")]
-
-
-def content_sha256(xml_path: Path) -> str:
-    """sha256 over the sha256 of the ``.xml`` and of the ``.bin`` (the same key the INT8 gate uses)."""
-    import hashlib
-
-    from rdcd.fsutil import sha256
-
-    return hashlib.sha256("".join(sha256(f) for f in files(xml_path)).encode()).hexdigest()

@@ -25,7 +25,7 @@ from typing import Any
 
 from rdcd.errors import RdcdError
 from rdcd.fsutil import sha256
-from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
+from rdcd.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
 
@@ -230,34 +230,8 @@ def folder_sha256(paths) -> str:
 
 
 # ------------------------------------------------------------------------------------ teachers
-def _teacher_net(module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-
-    class TeacherNet(nn.Module):
-        """float NCHW [0,1] -> normalise -> teacher -> flatten -> L2 (what rdcd.teacher computes)."""
-
-        def __init__(self):
-            super().__init__()
-            self.module = module
-            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-        def forward(self, x):
-            out = self.module((x - self.mean) / self.std)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            return F.normalize(out.float().flatten(1), dim=1)
-
-    net = TeacherNet().eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
-
-
 def teacher_source(spec: str, size: int | None = None) -> ExportSource:
-    from rdcd.teacher import SSCD_SIZE
+    from rdcd.teacher import SSCD_SIZE, teacher_net
 
     if spec in ("sscd-onnx", "teacher"):
         from rdcd.teacher import sscd_onnx_path
@@ -301,7 +275,7 @@ def teacher_source(spec: str, size: int | None = None) -> ExportSource:
         digest, scripted = sha256(path), True
         model = {"name": path.name, "framework": "torchscript"}
         backbone = path.stem
-    net = _teacher_net(module)
+    net = teacher_net(module)
     pre = PreprocessSpec(size=size or SSCD_SIZE)
     with torch.no_grad():
         try:

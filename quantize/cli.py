@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Sequence
 
 from rdcd import cli
-from rdcd.errors import GateFailed, RdcdError
+from rdcd.errors import GateFailed
 from rdcd.manifest import MAX_DROP
 
 LIBRARY_LOG = "quantize-libraries.log"
 
 
 def build_parser() -> cli.ArgumentParser:
-    from rdcd.quantize.api import TARGETS
+    from rdcd.manifest import TARGETS
     from rdcd.quantize.calib import DEFAULT_CALIB_COUNT
     from rdcd.quantize.preflight import drop_fraction
 
@@ -40,7 +40,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--benchmark", default=None,
                    help="DISC-layout benchmark for µAP; its source images are left out of calibration. "
                         "Without it accuracy is not measured and the fallback loop is off")
-    p.add_argument("--max-drop", type=drop_fraction, default=MAX_DROP, help=f"largest allowed absolute µAP drop (default {MAX_DROP})")
+    p.add_argument("--max-drop", type=drop_fraction, default=MAX_DROP,
+                   help=f"largest allowed µAP drop (default {MAX_DROP}; see --drop-type)")
+    p.add_argument("--drop-type", default="absolute", choices=("absolute", "relative"),
+                   help="--max-drop in µAP points (absolute, default) or as a share of the FP32 µAP (relative)")
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile"),
                    help="activation calibration; auto tries minmax, then percentile and entropy if the drop is too large")
     p.add_argument("--engine", default="auto", choices=("auto", "ort", "nncf"),
@@ -72,28 +75,6 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def parse_targets(values: list[str] | None) -> list[str] | None:
-    from rdcd.quantize.api import TARGETS
-
-    if not values:
-        return None
-    out = []
-    for v in values:
-        for t in v.split(","):
-            t = t.strip().lower()
-            if not t:
-                continue
-            if t == "all":
-                out.extend(TARGETS)
-            elif t not in TARGETS:
-                raise RdcdError(f"unknown target {t!r}: choose from {', '.join(TARGETS)}, all")
-            else:
-                out.append(t)
-    if not out:
-        raise RdcdError("--target is empty")
-    return list(dict.fromkeys(out))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     return cli.run(_main, argv)
 
@@ -101,11 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     cli.setup_logging(a.verbose)
-    targets = parse_targets(a.target)
+    targets = cli.parse_targets(a.target)
     if a.library_log:
         cli.writable_file(a.library_log, "--library-log")
     from rdcd.logs import keep_library_logs, library_log_path
-    from rdcd.quantize.api import quantize_export
+    from rdcd.quantize.api import AccuracyControl, QuantizeRecipe, quantize
 
     library_log = library_log_path()  # rdcd-demo routes every stage's library logs to one file
     if not a.verbose and (a.library_log or (library_log is None and Path(a.exports).is_dir())):
@@ -113,12 +94,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         library_log = keep_library_logs(a.library_log or Path(a.exports) / LIBRARY_LOG)
 
     command = "rdcd-quantize " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
-    arts = quantize_export(a.exports, a.calib_dir, calib_count=a.calib_count, benchmark=a.benchmark,
-                           max_drop=a.max_drop, targets=targets, method=a.method, engine=a.engine,
-                           checkpoint=a.checkpoint, threads=a.threads, fallback=not a.no_fallback,
-                           max_fallback_steps=a.max_fallback_steps, keep_tail_float=not a.quantize_tail,
-                           reduce_range=a.reduce_range, codes=not a.no_codes, latency_iters=a.latency,
-                           command=command, raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
+    recipe = QuantizeRecipe(method=a.method, engine=a.engine, reduce_range=a.reduce_range,
+                            keep_tail_float=not a.quantize_tail, calib_count=a.calib_count)
+    accuracy = AccuracyControl(a.benchmark, a.max_drop, a.drop_type, a.max_fallback_steps,
+                               fallback=not a.no_fallback) if a.benchmark else None
+    arts = quantize(a.exports, a.calib_dir, targets=targets, recipe=recipe, accuracy=accuracy, checkpoint=a.checkpoint,
+                    threads=a.threads, codes=not a.no_codes, latency_iters=a.latency, command=command,
+                    raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
     print_summary(arts, a.exports, a.max_drop)
     calib = next((x["calibration"] for x in arts if isinstance(x.get("calibration"), dict)), None)
     if calib:
@@ -126,9 +108,9 @@ def _main(argv: Sequence[str] | None = None) -> int:
               f"({calib.get('skipped_unreadable', 0)} unreadable, {calib.get('skipped_bad_names', 0)} non-UTF-8 names)")
     if library_log is not None:
         print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
-    failed = [x for x in arts if x.get("accuracy") and x["accuracy"]["drop"] > a.max_drop]
+    failed = [x for x in arts if x.get("accuracy") and x["accuracy"]["drop"] > x["accuracy"].get("max_drop", a.max_drop)]
     if failed:
-        raise GateFailed(f"µAP drop above --max-drop {a.max_drop} after fallback: "
+        raise GateFailed(f"µAP drop above --max-drop {a.max_drop} ({a.drop_type}) after fallback: "
                          + ", ".join(f"{x['name']} {x['accuracy']['drop']:+.4f}" for x in failed))
     return 0
 
@@ -149,7 +131,7 @@ def print_summary(arts: list[dict], export_dir, max_drop: float) -> None:
         t.add_column(col)
     for x in arts:
         acc = x.get("accuracy") or {}
-        ok = not acc or acc["drop"] <= max_drop
+        ok = not acc or acc["drop"] <= acc.get("max_drop", max_drop)
         mark = ("✅" if x["status"] == "ok" else "❎") if ok else "❌"
         t.add_row(x["name"], x["path"], f"{acc['fp32_micro_ap']:.4f}" if acc else "-",
                   f"{acc['micro_ap']:.4f}" if acc else "-", _drop_text(acc) if acc else "-",
@@ -162,7 +144,7 @@ def print_summary(arts: list[dict], export_dir, max_drop: float) -> None:
         data = json.loads(report.read_text())
         if data.get("codes"):
             ct = Table(title="Reference-index codes")
-            for col in ("code", "bytes/image", "1M index (MB)", "µAP", "drop"):
+            for col in ("code", "bytes/image", "codes of 1M images (MB)", "µAP", "drop"):
                 ct.add_column(col)
             for r in data["codes"]:
                 ct.add_row(r["code"], str(r["bytes_per_image"]), str(r["index_1m_mb"]), f"{r['micro_ap']:.4f}",

@@ -31,6 +31,7 @@ from torch import nn
 
 from rdcd.errors import MissingDependency, RdcdError
 from rdcd.fsutil import atomic_path, write_json
+from rdcd.preprocess import to_float_nchw
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,12 @@ class SimEmbedder:
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
-            return self.model(x).float().numpy()
+            return self.model(_to_float(batch)).float().numpy()
 
 
 def _to_float(batch: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
+    """uint8 NHWC -> float NCHW in [0, 1] (:func:`rdcd.preprocess.to_float_nchw`) as a tensor."""
+    return torch.from_numpy(to_float_nchw(batch))
 
 
 # ------------------------------------------------------------------------------------------- W8A8

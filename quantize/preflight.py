@@ -1,6 +1,6 @@
 """What rdcd-quantize checks before any work, and where its temporaries live.
 
-* argparse types for its numbers (``--max-drop`` in [0, 1), NaN refused), the options of ``quantize_export``;
+* argparse types for its numbers (``--max-drop`` in [0, 1), NaN refused), the options of ``quantize``;
 * the export folder: writable, the leftovers of killed runs (``kill -9``) removed;
 * the FP32 ONNX model: a readable model, not random bytes, an empty file or a truncated copy;
 * the work folder, named with :func:`rdcd.fsutil.temp_prefix`, which also holds the temporaries of the
@@ -45,7 +45,7 @@ drop_fraction.__name__ = "a µAP drop in [0, 1)"
 
 
 def check_options(method: str, reduce_range: str, engine: str, max_drop: float, methods: Sequence[str]) -> None:
-    """The options of ``quantize_export`` (the API, also used by ``rdcd-export --int8``)."""
+    """The options of :func:`rdcd.quantize.quantize` (the API, also used by ``rdcd-export --int8``)."""
     if method != "auto" and method not in methods:
         raise RdcdError(f"unknown calibration method {method!r}: choose from auto, {', '.join(methods)}")
     if reduce_range not in ("auto", "first", "all", "none"):

@@ -200,3 +200,24 @@ def setup_logging(verbose: bool = False) -> None:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("faiss", "faiss.loader", "nncf", "coremltools", "torch.onnx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def parse_targets(values: Sequence[str] | None, default: Sequence[str] | None = None) -> list[str] | None:
+    """``--target`` values (repeatable, comma lists, ``all``) in :data:`rdcd.manifest.TARGETS` order; ``default``
+    when none is given; an unknown name is an :class:`RdcdError` (exit 2)."""
+    from rdcd.manifest import TARGETS
+
+    if not values:
+        return list(default) if default is not None else None
+    wanted: set[str] = set()
+    for value in values:
+        for t in (v.strip().lower() for v in value.split(",")):
+            if t == "all":
+                wanted.update(TARGETS)
+            elif t in TARGETS:
+                wanted.add(t)
+            elif t:
+                raise RdcdError(f"unknown target {t!r}: choose from {', '.join(TARGETS)}, all")
+    if not wanted:
+        raise RdcdError("--target is empty")
+    return [t for t in TARGETS if t in wanted]

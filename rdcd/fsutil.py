@@ -150,3 +150,19 @@ def size_bytes(path: str | os.PathLike) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def artifact_files(path: str | os.PathLike) -> list[Path]:
+    """The files a model artifact consists of: an OpenVINO ``.xml`` needs its ``.bin`` (same name)."""
+    path = Path(path)
+    bin_ = path.with_suffix(".bin")
+    return [path, bin_] if path.suffix == ".xml" and bin_.is_file() else [path]
+
+
+def artifact_sha256(path: str | os.PathLike) -> str:
+    """The content key of an artifact: its sha256, or for several files (OpenVINO ``.xml`` + ``.bin``) the
+    sha256 over their sha256s, so two IRs with the same graph but other weights differ."""
+    files = artifact_files(path)
+    if len(files) == 1:
+        return sha256(files[0])
+    return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()

@@ -61,7 +61,8 @@ from rdcd.errors import RdcdError
 from rdcd.fsutil import write_json
 
 MANIFEST = "manifest.json"
-TARGETS = ("onnx", "tensorrt", "coreml", "openvino")
+#: in export order: ONNX first (the other targets are converted from it or checked against it)
+TARGETS = ("onnx", "coreml", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "w8a8", "w8")
 STATUSES = ("ok", "not_checkable", "failed")
 #: The µAP an INT8 artifact may lose against its FP32 reference by default: one budget for rdcd-quantize's

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdcd.errors import MissingDependency, RdcdError
-from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, PreprocessSpec
+from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD, TF_LITE_MEAN, TF_LITE_STD, PreprocessSpec, to_float_nchw
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +322,6 @@ def fold_whitening(student: Student, paths, spec: PreprocessSpec | None = None, 
     (W P, W (b - mu)), so the deployed descriptor is L2(W (y - mu)) and no graph changes. The
     shrinkage keeps directions with almost no variance from being blown up by noise. Unreadable
     images are skipped (counted). Returns what was fitted (images, skipped, dims, spectrum)."""
-    import numpy as np
-
     from rdcd.validate.extract import load_images
 
     spec = spec or student.config.preprocess()
@@ -335,7 +333,7 @@ def fold_whitening(student: Student, paths, spec: PreprocessSpec | None = None, 
         batch, ok = load_images(paths[start: start + batch_size], spec, skip_bad=True)
         skipped += len(paths[start: start + batch_size]) - len(ok)
         if len(ok):
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255.0
+            x = torch.from_numpy(to_float_nchw(batch))
             ys.append(student.projector(student.fc(student.pooled(x))).double())
     n = sum(len(y) for y in ys)
     if n < d + 1:

@@ -15,6 +15,7 @@ benchmark and the teacher-feature cache. Exit status: that of the first stage th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import shlex
@@ -132,121 +133,171 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    a = build_parser().parse_args(argv)
-    cli.setup_logging()
-    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"bench", "baselines", "distill", "export", "quantize", "validate"}
-    if unknown:
-        raise RdcdError(f"unknown stage(s) {', '.join(sorted(unknown))}")
-    if a.holdout < 8:
-        raise RdcdError(f"--holdout {a.holdout}: the benchmark needs at least 8 held-out pool images")
+@dataclasses.dataclass
+class Demo:
+    """What the stages share: the options, the working folder, the benchmark, the training images, the summary."""
+
+    a: argparse.Namespace
+    out: Path
+    pool: Path
+    bench_dir: Path
+    train_dir: Path
+    summary: dict
+    timings: dict
+
+    @property
+    def run_dir(self) -> Path:
+        return self.out / "run"
+
+    @property
+    def export_dir(self) -> Path:
+        return self.out / "export"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.out / "report"
+
+
+def baselines_stage(d: Demo) -> int:
     from rdcd.benchmark import load_benchmark
-    from rdcd.fsutil import write_json, write_text
+    from rdcd.validate.evaluate import describe, evaluate_descriptors
+    from rdcd.validate.models import resolve_model
+
+    bench, a, t1 = load_benchmark(d.bench_dir), d.a, time.time()
+    rows = []
+    for spec in ("teacher", "sscd-distilled", "pdq", f"student:{a.backbone}:{a.dim}"):
+        emb, pspec, label = resolve_model(spec, size=a.size if spec.startswith("student") else None)
+        desc = describe(bench, emb, pspec, label=label)
+        rows.append({"model": label, **evaluate_descriptors(bench, desc).row(), "seconds": desc.seconds})
+    d.timings["baselines"] = round(time.time() - t1, 1)
+    _baseline_table(rows, f"Baselines on {d.bench_dir} ({bench.summary()['queries']} queries)")
+    d.summary["baselines"] = rows
+    return 0
+
+
+def distill_stage(d: Demo) -> int:
+    from rdcd.distill.cli import _main as distill
+    from rdcd.fsutil import write_text
+
+    a, run_dir = d.a, d.run_dir
+    argv = ["--train-dir", str(d.train_dir), "--out", str(run_dir), "--backbone", a.backbone, "--dim", str(a.dim),
+            "--input-size", str(a.size), "--teacher-size", str(a.teacher_size), "--batch-size", str(a.batch_size),
+            "--max-steps", str(a.steps), "--head-steps", str(a.head_steps), "--lr", str(a.lr),
+            "--warmup-steps", str(max(1, a.steps // 10)), "--hn-ramp-steps", str(max(1, a.steps // 2)),
+            "--cache", str(d.out / "teacher-cache"), "--cache-views", str(a.cache_views),
+            "--queue-size", str(a.queue), "--rsd-queue-size", str(a.queue),
+            "--ckpt-every", str(max(1, a.steps // 5)), "--eval-benchmark", str(d.bench_dir)]
+    if d.pool.is_dir():
+        argv += ["--exclude-benchmark", str(d.bench_dir)]
+        if Path(a.photos_dir).is_dir():
+            argv += ["--train-dir", str(a.photos_dir), "--max-images", str(a.max_images)]
+    trained_for = _sources_digest(d.bench_dir)
+    if (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.pt").exists():
+        recorded = (run_dir / BENCH_DIGEST).read_text().strip() if (run_dir / BENCH_DIGEST).exists() else None
+        if recorded != trained_for:  # its training set may hold this benchmark's images
+            raise RdcdError(f"{run_dir} was trained for another benchmark: delete it to train again")
+    code = 0
+    if (run_dir / "model.safetensors").exists():
+        print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
+    else:
+        if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
+            argv.append("--resume")
+        else:
+            write_text(run_dir / BENCH_DIGEST, trained_for + "\n")
+        code = _stage("distill", "rdcd-distill", distill, argv, d.timings)
+    d.summary["distill"] = _distill_summary(run_dir, d.summary.get("baselines"))
+    return code
+
+
+def export_stage(d: Demo) -> int:
+    from rdcd.export.cli import _main as export
+
+    return _stage("export", "rdcd-export", export,
+                  ["--checkpoint", str(d.run_dir), "--target", "all", "--out", str(d.export_dir)], d.timings)
+
+
+def quantize_stage(d: Demo) -> int:
+    from rdcd.quantize.cli import _main as quantize
+
+    calib_count = d.a.calib_count
+    if not d.pool.is_dir():  # the scikit-image fallback has only a few dozen background images
+        from rdcd.imageio import list_images
+
+        calib_count = min(calib_count, len(list_images(d.train_dir)))
+        log.warning("calibrating on the %d scikit-image background images (fewer than %d)", calib_count, d.a.calib_count)
+    code = _stage("quantize", "rdcd-quantize", quantize,
+                  ["--exports", str(d.export_dir), "--calib-dir", str(d.train_dir), "--calib-count", str(calib_count),
+                   "--benchmark", str(d.bench_dir), "--checkpoint", str(d.run_dir), "--max-drop", str(d.a.max_drop),
+                   "--latency", "200"], d.timings)
+    if code == 1:  # the quantize stage's own (stricter) target missed: the gate below decides
+        log.warning("rdcd-quantize: INT8 drop above %s after fallback; the gate decides", d.a.max_drop)
+        code = 0
+    return code
+
+
+def validate_stage(d: Demo) -> int:
+    from rdcd.validate.int8_gate import gate_main
+
+    code = _stage("validate", "rdcd-validate", gate_main,
+                  ["--benchmark", str(d.bench_dir), "--exports", str(d.export_dir), "--max-drop", str(d.a.max_drop),
+                   "--report", str(d.report_dir)], d.timings)
+    if (d.report_dir / "report.md").exists():
+        print(f"report: {d.report_dir / 'report.md'}")
+    return code
+
+
+#: the stages after the benchmark (always built first), in order; a stage's non-zero exit stops the ones after it
+STAGES: dict[str, Callable[[Demo], int]] = {"baselines": baselines_stage, "distill": distill_stage,
+                                            "export": export_stage, "quantize": quantize_stage,
+                                            "validate": validate_stage}
+
+
+def _bench(a, out: Path, pool: Path) -> tuple[Path, Path]:
+    """The demo benchmark (held-out pool images and photos, or scikit-image photos) and the training folder."""
     from rdcd.validate.demo import DemoConfig, build_demo
 
-    out = cli.writable_dir(a.out, "--out")
-    out.mkdir(parents=True, exist_ok=True)
-    from rdcd.logs import keep_library_logs
-
-    library_log = keep_library_logs(out / "libraries.log")  # NNCF, ONNX Runtime, Core ML Tools, warnings
-    t0 = time.time()
-    timings: dict[str, float] = {}
-    pool = Path(a.train_dir)
     if pool.is_dir():
         photos = Path(a.photos_dir)
         extra = ((str(photos), a.photo_holdout),) if photos.is_dir() and a.photo_holdout > 0 else ()
         bench_dir = build_demo(out / "bench", DemoConfig(source=str(pool), holdout=a.holdout, extra=extra,
                                                          queries_per_ref=a.queries_per_ref, positive_share=0.7))
-        train_dir = pool
-    else:
-        log.warning("training pool %s not found: benchmark and training from scikit-image photos", pool)
-        bench_dir = build_demo(out / "bench-skimage", DemoConfig(source="skimage"))
-        train_dir = bench_dir / "training"
-    timings["bench"] = round(time.time() - t0, 1)
+        return bench_dir, pool
+    log.warning("training pool %s not found: benchmark and training from scikit-image photos", pool)
+    bench_dir = build_demo(out / "bench-skimage", DemoConfig(source="skimage"))
+    return bench_dir, bench_dir / "training"
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    a = build_parser().parse_args(argv)
+    cli.setup_logging()
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"bench", *STAGES}
+    if unknown:
+        raise RdcdError(f"unknown stage(s) {', '.join(sorted(unknown))}")
+    if a.holdout < 8:
+        raise RdcdError(f"--holdout {a.holdout}: the benchmark needs at least 8 held-out pool images")
+    from rdcd.benchmark import load_benchmark
+    from rdcd.fsutil import write_json
+    from rdcd.logs import keep_library_logs
+
+    out = cli.writable_dir(a.out, "--out")
+    out.mkdir(parents=True, exist_ok=True)
+    library_log = keep_library_logs(out / "libraries.log")  # NNCF, ONNX Runtime, Core ML Tools, warnings
+    t0 = time.time()
+    pool = Path(a.train_dir)
+    bench_dir, train_dir = _bench(a, out, pool)
+    timings = {"bench": round(time.time() - t0, 1)}
     bench = load_benchmark(bench_dir)
     print(f"benchmark {bench_dir}: {json.dumps(bench.summary())}")
-    summary: dict = {"benchmark": str(bench_dir), "benchmark_summary": bench.summary(), "stages": {}}
-
-    if "baselines" in stages:
-        from rdcd.validate.evaluate import describe, evaluate_descriptors
-        from rdcd.validate.models import resolve_model
-
-        t1 = time.time()
-        rows = []
-        for spec in ("teacher", "sscd-distilled", "pdq", f"student:{a.backbone}:{a.dim}"):
-            emb, pspec, label = resolve_model(spec, size=a.size if spec.startswith("student") else None)
-            desc = describe(bench, emb, pspec, label=label)
-            rows.append({"model": label, **evaluate_descriptors(bench, desc).row(), "seconds": desc.seconds})
-        timings["baselines"] = round(time.time() - t1, 1)
-        _baseline_table(rows, f"Baselines on {bench_dir} ({bench.summary()['queries']} queries)")
-        summary["baselines"] = rows
-
-    run_dir, export_dir, report_dir = out / "run", out / "export", out / "report"
+    d = Demo(a, out, pool, bench_dir, train_dir,
+             {"benchmark": str(bench_dir), "benchmark_summary": bench.summary(), "stages": {}}, timings)
     code = 0
-    if "distill" in stages and code == 0:
-        from rdcd.distill.cli import _main as distill
-
-        argv_ = ["--train-dir", str(train_dir), "--out", str(run_dir), "--backbone", a.backbone, "--dim", str(a.dim),
-                 "--input-size", str(a.size), "--teacher-size", str(a.teacher_size), "--batch-size", str(a.batch_size),
-                 "--max-steps", str(a.steps), "--head-steps", str(a.head_steps), "--lr", str(a.lr),
-                 "--warmup-steps", str(max(1, a.steps // 10)), "--hn-ramp-steps", str(max(1, a.steps // 2)),
-                 "--cache", str(out / "teacher-cache"), "--cache-views", str(a.cache_views),
-                 "--queue-size", str(a.queue), "--rsd-queue-size", str(a.queue),
-                 "--ckpt-every", str(max(1, a.steps // 5)), "--eval-benchmark", str(bench_dir)]
-        if pool.is_dir():
-            argv_ += ["--exclude-benchmark", str(bench_dir)]
-            if Path(a.photos_dir).is_dir():
-                argv_ += ["--train-dir", str(a.photos_dir), "--max-images", str(a.max_images)]
-        trained_for = _sources_digest(bench_dir)
-        if (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.pt").exists():
-            recorded = (run_dir / BENCH_DIGEST).read_text().strip() if (run_dir / BENCH_DIGEST).exists() else None
-            if recorded != trained_for:  # its training set may hold this benchmark's images
-                raise RdcdError(f"{run_dir} was trained for another benchmark: delete it to train again")
-        if (run_dir / "model.safetensors").exists():
-            print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
-        else:
-            if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
-                argv_.append("--resume")
-            else:
-                write_text(run_dir / BENCH_DIGEST, trained_for + "\n")
-            code = _stage("distill", "rdcd-distill", distill, argv_, timings)
-        summary["distill"] = _distill_summary(run_dir, summary.get("baselines"))
-    if "export" in stages and code == 0:
-        from rdcd.export.cli import _main as export
-
-        code = _stage("export", "rdcd-export", export,
-                      ["--checkpoint", str(run_dir), "--target", "all", "--out", str(export_dir)], timings)
-    if "quantize" in stages and code == 0:
-        from rdcd.quantize.cli import _main as quantize
-
-        calib_count = a.calib_count
-        if not pool.is_dir():  # the scikit-image fallback has only a few dozen background images
-            from rdcd.imageio import list_images
-
-            calib_count = min(calib_count, len(list_images(train_dir)))
-            log.warning("calibrating on the %d scikit-image background images (fewer than %d)", calib_count, a.calib_count)
-
-        code = _stage("quantize", "rdcd-quantize", quantize,
-                      ["--exports", str(export_dir), "--calib-dir", str(train_dir), "--calib-count", str(calib_count),
-                       "--benchmark", str(bench_dir), "--checkpoint", str(run_dir), "--max-drop", str(a.max_drop),
-                       "--latency", "200"], timings)
-        if code == 1:  # the quantize stage's own (stricter) target missed: the gate below decides
-            log.warning("rdcd-quantize: INT8 drop above %s after fallback; the gate decides", a.max_drop)
-            code = 0
-    if "validate" in stages and code == 0:
-        from rdcd.validate.gate import gate_main
-
-        code = _stage("validate", "rdcd-validate", gate_main,
-                      ["--benchmark", str(bench_dir), "--exports", str(export_dir), "--max-drop", str(a.max_drop),
-                       "--report", str(report_dir)], timings)
-        if (report_dir / "report.md").exists():
-            print(f"report: {report_dir / 'report.md'}")
-    summary["stages"] = timings
-    summary["exit"] = code
-    summary["wall_seconds"] = round(time.time() - t0, 1)
-    write_json(out / "summary.json", summary)
-    print(f"\nsummary written to {out / 'summary.json'}: wall {summary['wall_seconds']} s, stages {timings}")
+    for name, run_stage in STAGES.items():
+        if name in stages and code == 0:
+            code = run_stage(d)
+    d.summary.update(stages=timings, exit=code, wall_seconds=round(time.time() - t0, 1))
+    write_json(out / "summary.json", d.summary)
+    print(f"\nsummary written to {out / 'summary.json'}: wall {d.summary['wall_seconds']} s, stages {timings}")
     print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
     return code
 

@@ -45,6 +45,8 @@ class PreprocessSpec:
     def __post_init__(self):
         if self.size < 16:
             raise ValueError(f"input size {self.size} is too small")
+        if self.resize != "stretch-bilinear":  # the one resize resize_pil applies (and every graph assumes)
+            raise ValueError(f"unsupported resize {self.resize!r}: rdcd models take 'stretch-bilinear' ({RESIZE_RULE})")
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
 
@@ -72,5 +74,11 @@ class PreprocessSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PreprocessSpec":
-        return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
-                   resize=d.get("resize", "stretch-bilinear"))
+        """The spec a manifest / model metadata records; a malformed one is bad input (:class:`RdcdError`)."""
+        from rdcd.errors import RdcdError
+
+        try:
+            return cls(size=int(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+                       resize=d.get("resize", "stretch-bilinear"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RdcdError(f"malformed preprocessing {str(d)[:80]}: {exc}") from None

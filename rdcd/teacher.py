@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError
-from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from rdcd.preprocess import IMAGENET_MEAN, IMAGENET_STD, to_float_nchw
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,32 @@ class OnnxTeacher(_TorchBatchMixin):
                 "providers": self.providers}
 
 
+def teacher_net(module, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The frozen teacher as one ``nn.Module``: float NCHW in [0, 1] -> ImageNet normalisation -> ``module``
+    -> flatten -> L2 (what :class:`TorchTeacher` runs and what ``rdcd-export --teacher`` exports)."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class TeacherNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.module = module
+            self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+        def forward(self, x):
+            out = self.module((x - self.mean) / self.std)
+            if isinstance(out, (tuple, list)):
+                out = out[0]
+            return F.normalize(out.float().flatten(1), dim=1)
+
+    net = TeacherNet().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
 class TorchTeacher:
     """A torch module taking ImageNet-normalised NCHW input (SSCD TorchScript, or a timm model)."""
 
@@ -109,32 +135,23 @@ class TorchTeacher:
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         import torch
 
-        self.module = module.eval().to(device)
-        for p in self.module.parameters():
-            p.requires_grad_(False)
+        self.net = teacher_net(module.eval(), mean, std).to(device)
+        self.module = self.net.module
         self.kind, self.name, self.size, self.device = kind, name, size, device
-        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
         with torch.no_grad():
             self.dim = int(self(torch.zeros(1, 3, size, size, device=device)).shape[1])
 
     def __call__(self, x):
         import torch
-        import torch.nn.functional as F
 
-        self.module.eval()  # frozen teacher: never in train mode, whatever the caller did
+        self.net.eval()  # frozen teacher: never in train mode, whatever the caller did
         with torch.no_grad():
-            x = x.to(self.device, non_blocking=True).float()
-            out = self.module((x - self.mean) / self.std)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            return F.normalize(out.float().flatten(1), dim=1)
+            return self.net(x.to(self.device, non_blocking=True).float())
 
     def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return self(x).cpu().numpy()
+        return self(torch.from_numpy(to_float_nchw(batch))).cpu().numpy()
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.name, "dim": self.dim, "size": self.size, "device": self.device}

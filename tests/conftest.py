@@ -85,3 +85,24 @@ def fake_trtexec(bin_dir: Path, version: str, log: Path) -> dict:
                    f'[ "$1" = "--help" ] && exit 0\necho "trtexec $*" >> "{log}"\n')
     exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
     return dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    """A real (tiny) TorchScript descriptor model standing in for Meta's SSCD TorchScript file."""
+    import torch
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.fc = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 16, 3, 2, 1), nn.Linear(16, 24)
+
+        def forward(self, x):
+            x = torch.relu(self.c2(torch.relu(self.c1(x))))
+            return self.fc(x.clamp(min=1e-6).pow(3).mean((2, 3)).pow(1.0 / 3))
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "tiny.torchscript.pt"
+    torch.jit.trace(Tiny().eval(), torch.rand(1, 3, 64, 64)).save(str(path))
+    return path

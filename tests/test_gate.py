@@ -144,9 +144,9 @@ def test_gate_passes_on_good_int8(models, openvino_ir, tiny_bench, tmp_path, cap
     assert ov["size_bytes"] == xml.stat().st_size + bin_.stat().st_size  # the IR is both files
     assert ov["micro_ap"] == pytest.approx(fp32["micro_ap"], abs=0.02)  # same graph, another runtime
     trt = rows["tensorrt-int8"]
-    assert trt["status"] == "not_checked" and trt["reason"] == "not built: no NVIDIA GPU/TensorRT here"
+    assert trt["status"] == "not_checkable" and trt["reason"] == "not built: no NVIDIA GPU/TensorRT here"
     assert trt["reference"] == "onnx-fp32"  # followed through the QDQ artifact to the float one
-    assert data["gate"]["counts"] == {"ok": 3, "not_checked": 1, "failed": 0}
+    assert data["gate"]["counts"] == {"ok": 3, "not_checkable": 1, "failed": 0}
 
     for name in ("pr_curve.png", "latency.png"):
         assert (report / name).read_bytes()[:8] == PNG and (report / name).stat().st_size > 5000
@@ -200,7 +200,7 @@ def _tiny_mlpackage(path: Path) -> Path | None:
     return path
 
 
-def test_unrunnable_rows_are_not_checked_and_require_fails(models, tiny_bench, tmp_path, capsys):
+def test_unrunnable_rows_are_not_checkable_and_require_fails(models, tiny_bench, tmp_path, capsys):
     rows = [FP32, row("tensorrt-fp16", "tensorrt", "fp16", "model-fp16.engine", "tensorrt", reference="onnx-fp32",
                       status="not_checkable", reason="not built: no NVIDIA GPU/TensorRT on this machine")]
     mlpackage = None
@@ -218,16 +218,16 @@ def test_unrunnable_rows_are_not_checked_and_require_fails(models, tiny_bench, t
     out = capsys.readouterr().out
     assert "not checkable here" in out and "❎" in out
     data, by = load(report)
-    assert by["tensorrt-fp16"]["status"] == "not_checked" and "tensorrt" in by["tensorrt-fp16"]["reason"].lower()
+    assert by["tensorrt-fp16"]["status"] == "not_checkable" and "tensorrt" in by["tensorrt-fp16"]["reason"].lower()
     assert by["tensorrt-fp16"]["micro_ap"] is None and by["tensorrt-fp16"]["latency"] is None
-    assert data["gate"]["counts"]["not_checked"] == len(rows) - 1
+    assert data["gate"]["counts"]["not_checkable"] == len(rows) - 1
 
     assert gate(*args, "--require", "tensorrt") == 1
     assert "required target tensorrt not checked" in capsys.readouterr().err
     assert gate(*args, "--require", "openvino") == 1  # required, but no artifact at all
     assert "required target openvino: no artifact" in capsys.readouterr().err
     if mlpackage:
-        assert by["coreml-fp16"]["status"] == "not_checked" and "macOS" in by["coreml-fp16"]["reason"]
+        assert by["coreml-fp16"]["status"] == "not_checkable" and "macOS" in by["coreml-fp16"]["reason"]
         assert gate(*args, "--require", "coreml") == 1
         assert "required target coreml not checked" in capsys.readouterr().err
 
@@ -256,9 +256,9 @@ def test_simulated_core_ml_rows(tiny_bench, tmp_path, capsys):
     assert "simulated in PyTorch" in out
     _, by = load(report)
     w8a8, w8 = by["coreml-w8a8"], by["coreml-w8"]
-    assert w8a8["status"] == "not_checked" and w8a8["simulated"] and w8a8["micro_ap"] == 0.796
+    assert w8a8["status"] == "not_checkable" and w8a8["simulated"] and w8a8["micro_ap"] == 0.796
     assert w8a8["drop"] == pytest.approx(0.004)
-    assert w8["status"] == "not_checked" and w8["micro_ap"] is None  # measured on another benchmark
+    assert w8["status"] == "not_checkable" and w8["micro_ap"] is None  # measured on another benchmark
     assert any("another benchmark" in n for n in w8["notes"])
     assert "0.7960 (sim.)" in (report / "report.md").read_text()
 

@@ -133,7 +133,8 @@ def test_cli_bad_inputs_exit_2(export_dir, tmp_path, calib_dir, capsys):
 
 # ------------------------------------------------------------------------------------------- ONNX
 def test_onnx_qdq_models_are_valid_and_run(base_export, calib_images, tmp_path):
-    from rdcd.quantize.onnx_ptq import OnnxQuantizer, Recipe, check_qdq
+    from rdcd.quantize.onnx_ptq import OnnxQuantizer, Recipe
+    from rdcd.quantize.qdq_graph import check_qdq
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     with OnnxQuantizer(base_export / "model.onnx", calib_images) as q:
@@ -196,11 +197,12 @@ def test_keeping_a_residual_add_in_float_removes_its_input_quantization(base_exp
 def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench, blank_calib_dir):
     """Calibrating on black images ruins every activation range; the loop must keep layers in float
     until the µAP drop shrinks, and record them."""
-    from rdcd.quantize.api import quantize_export
+    from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
 
-    arts = quantize_export(export_dir, blank_calib_dir, calib_count=4, benchmark=tiny_bench, max_drop=0.02,
-                           targets=("onnx",), method="minmax", engine="ort", with_tensorrt=False, codes=False,
-                           raise_on_drop=False, max_fallback_steps=8)
+    arts = quantize(export_dir, blank_calib_dir, targets=("onnx",),
+                    recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=4),
+                    accuracy=AccuracyControl(tiny_bench, max_drop=0.02, max_fallback_steps=8),
+                    with_tensorrt=False, codes=False, raise_on_drop=False)
     art = arts[0]
     report = json.loads((export_dir / "quantize_report.json").read_text())
     steps = report["targets"]["onnx"]["fallback"]["steps"]
@@ -238,16 +240,16 @@ def test_cli_exit_1_when_drop_stays_too_large_and_work_is_kept(export_dir, tiny_
 
 
 # ------------------------------------------------------------------------- every target, end to end
-def test_quantize_export_all_targets(export_dir, tiny_bench, calib_dir, student_run):
+def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     pytest.importorskip("coremltools")
     from rdcd.fsutil import sha256
-    from rdcd.quantize.api import quantize_export
+    from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
 
-    arts = quantize_export(export_dir, calib_dir, calib_count=12, benchmark=tiny_bench, max_drop=0.05,
-                           targets=("onnx", "openvino", "coreml"), method="minmax", engine="ort",
-                           max_fallback_steps=2, raise_on_drop=False)
+    arts = quantize(export_dir, calib_dir, targets=("onnx", "openvino", "coreml"),
+                    recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=12),
+                    accuracy=AccuracyControl(tiny_bench, max_drop=0.05, max_fallback_steps=2), raise_on_drop=False)
     names = {a["name"] for a in arts}
     assert names == {"onnx-int8", "tensorrt-int8", "openvino-int8", "coreml-w8a8", "coreml-w8"}
     m = _manifest(export_dir)

@@ -55,7 +55,7 @@ def _row(out: Path, name: str = "tensorrt-int8") -> dict:
 
 
 def test_manifest_row_engine_and_qdq_source(exports, tiny_bench):
-    from rdcd.quantize.onnx_ptq import check_qdq
+    from rdcd.quantize.qdq_graph import check_qdq
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     man = Manifest.load(exports)
@@ -141,7 +141,7 @@ def test_reexport_keeps_one_int8_row_and_script(exports, student_run, tmp_path):
 
 
 def _gate_args(*extra: str) -> argparse.Namespace:
-    from rdcd.validate.gate import build_parser
+    from rdcd.validate.int8_gate import build_parser
 
     return build_parser().parse_args(["--benchmark", "b", "--exports", "e", "--latency-iters", "5", "--warmup", "1",
                                       *extra])
@@ -156,7 +156,7 @@ def test_gate_never_passes_a_missing_engine(exports, tiny_bench, capsys):
     assert validate_main([*args, "--report", str(exports.parent / "report")]) == 0
     rows = {r["name"]: r for r in json.loads((exports.parent / "report" / "report.json").read_text())["artifacts"]}
     trt = rows["tensorrt-int8"]
-    assert trt["status"] == "not_checked" and trt["reason"].startswith(T.NOT_BUILT)
+    assert trt["status"] == "not_checkable" and trt["reason"].startswith(T.NOT_BUILT)
     assert trt["path"] == "tensorrt/model-int8.engine" and trt["sha256"] is None
     assert trt["simulated"] is True and trt["micro_ap"] == _row(exports)["accuracy"]["micro_ap"]
     assert rows["onnx-fp32"]["status"] == "ok"
@@ -170,7 +170,7 @@ def test_gate_engine_rows_ok_claims_and_old_manifests(exports, tiny_bench, tmp_p
     source of an engine that was not built; an engine that exists is handed to TensorRT, never the .onnx."""
     import rdcd.validate.runtimes as rt
     from rdcd.benchmark import load_benchmark
-    from rdcd.validate.gate import evaluate_manifest
+    from rdcd.validate.int8_gate import evaluate_manifest
 
     out = tmp_path / "exp"
     shutil.copytree(exports, out)
@@ -190,7 +190,7 @@ def test_gate_engine_rows_ok_claims_and_old_manifests(exports, tiny_bench, tmp_p
     rows = {r["name"]: r for r in evaluate_manifest(bench, man, _gate_args("--max-drop", "0.01"))["rows"]}
     assert rows["claims-ok"]["status"] == "failed"
     assert rows["claims-ok"]["reason"] == "TensorRT engine not found: tensorrt/model-int8.engine (the manifest says ok)"
-    assert rows["old-format"]["status"] == "not_checked" and rows["old-format"]["path"] == "tensorrt/model-int8.engine"
+    assert rows["old-format"]["status"] == "not_checkable" and rows["old-format"]["path"] == "tensorrt/model-int8.engine"
     assert rows["old-format"]["simulated"] and any("QDQ source" in n for n in rows["old-format"]["notes"])
     assert rows["old-format-ok"]["status"] == "failed" and "engine not found" in rows["old-format-ok"]["reason"]
     assert calls == []  # nothing was handed to a runner: no engine exists
@@ -199,4 +199,4 @@ def test_gate_engine_rows_ok_claims_and_old_manifests(exports, tiny_bench, tmp_p
     rows = {r["name"]: r for r in evaluate_manifest(bench, man, _gate_args("--max-drop", "0.01"))["rows"]}
     assert calls and all(name == "model-int8.engine" and kw["runtime"] == "tensorrt" for name, kw in calls)
     for name in ("claims-ok", "old-format", "old-format-ok"):
-        assert rows[name]["status"] == "not_checked" and "not checkable here" in rows[name]["reason"], rows[name]
+        assert rows[name]["status"] == "not_checkable" and "not checkable here" in rows[name]["reason"], rows[name]

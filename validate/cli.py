@@ -153,10 +153,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
         return sweep_main(rest)
     if cmd == "merge":
-        from rdcd.validate.gate import merge_main
+        from rdcd.validate.int8_gate import merge_main
 
         return merge_main(rest)
-    from rdcd.validate.gate import gate_main
+    from rdcd.validate.int8_gate import gate_main
 
     return gate_main(rest)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from rdcd.manifest import Manifest
 
 INT8_CLASS = ("int8", "w8a8", "w8")
-OK, NOT_CHECKED, FAILED = "ok", "not_checked", "failed"
+OK, NOT_CHECKED, FAILED = "ok", "not_checkable", "failed"
 SIMULATED = "simulated in PyTorch"
 
 
@@ -18,11 +18,7 @@ def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | No
     acc = art.get("accuracy")
     if not isinstance(acc, dict) or not acc.get("simulated"):
         return None, None
-    rec_sha = acc.get("ground_truth_sha256") or acc.get("gt_sha256") or acc.get("benchmark_gt_sha256")
-    rec_bench = acc.get("benchmark")
-    if isinstance(rec_bench, dict):
-        rec_sha = rec_sha or rec_bench.get("ground_truth_sha256") or rec_bench.get("gt_sha256")
-        rec_bench = rec_bench.get("path")
+    rec_sha, rec_bench = acc.get("ground_truth_sha256"), acc.get("benchmark")  # as accuracy_block writes them
     if rec_sha:
         if rec_sha != gt_sha:
             return None, (f"simulated µAP was measured on another benchmark ({rec_bench or '?'}, ground truth "
@@ -30,7 +26,7 @@ def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | No
     elif not rec_bench or Path(rec_bench).resolve() != bench_root.resolve():
         return None, f"simulated µAP was measured on another benchmark ({rec_bench or 'unrecorded'})"
     q = acc.get("micro_ap")
-    ref = acc.get("fp32_micro_ap", acc.get("reference_micro_ap"))
+    ref = acc.get("fp32_micro_ap")
     if not isinstance(q, (int, float)):
         return None, "the recorded simulated accuracy has no micro_ap"
     return {"micro_ap": float(q), "reference_micro_ap": float(ref) if isinstance(ref, (int, float)) else None,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
+from rdcd.fsutil import artifact_files, artifact_sha256
 from rdcd.manifest import Manifest
 from rdcd.validate.gate_reference import (FAILED, INT8_CLASS, NOT_CHECKED, OK, add_simulated, compare_with_reference,
                                           default_reference, drop_interval)
@@ -28,26 +28,6 @@ def _spec_for(manifest: Manifest, art: dict):
         except ValueError as exc:  # a size under 16
             raise RdcdError(f"malformed {manifest.path}: bad input size for {art['name']} ({exc})") from None
     return artifact_spec(manifest.resolve(art))
-
-
-def artifact_files(path: Path) -> list[Path]:
-    """The files an artifact consists of: an OpenVINO ``.xml`` needs its ``.bin`` (same name)."""
-    files = [path]
-    if path.suffix == ".xml" and path.with_suffix(".bin").is_file():
-        files.append(path.with_suffix(".bin"))
-    return files
-
-
-def content_key(path: Path) -> str:
-    """sha256 over all of an artifact's files: two IRs with the same graph but other weights differ."""
-    import hashlib
-
-    from rdcd.fsutil import sha256
-
-    files = artifact_files(path)
-    if len(files) == 1:
-        return sha256(path)
-    return hashlib.sha256("".join(sha256(f) for f in files).encode()).hexdigest()
 
 
 def _curve(metrics, points: int = 256) -> dict:
@@ -87,7 +67,7 @@ class Evaluator:
         cfg = self.cfg
         path = manifest.resolve(art)
         runner = load_runner(path, runtime=runtime, threads=cfg.threads)
-        key = (content_key(path), runner.name)
+        key = (artifact_sha256(path), runner.name)
         if key in self.cache:
             return {**self.cache[key], "cached": True, "predictions": self.predictions[key]}, runner.describe()
         spec = _spec_for(manifest, art)

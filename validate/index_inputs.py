@@ -51,7 +51,7 @@ def load_model(args) -> tuple[object, object, dict]:
     """(runner, PreprocessSpec, model record with sha256) for ``--model``."""
     from rdcd.preprocess import PreprocessSpec
     from rdcd.validate.bench import _find_manifest_entries, _pick_entry, resolve_size
-    from rdcd.validate.gate_rows import content_key
+    from rdcd.fsutil import artifact_sha256
     from rdcd.validate.runtimes import load_runner
 
     path = resolve_artifact(args.model, getattr(args, "artifact", None))
@@ -64,7 +64,7 @@ def load_model(args) -> tuple[object, object, dict]:
         spec = PreprocessSpec.from_dict({**pre, "size": size})
     else:
         spec = PreprocessSpec(size=size)
-    record = {"path": str(path.resolve()), "name": path.name, "sha256": content_key(path),
+    record = {"path": str(path.resolve()), "name": path.name, "sha256": artifact_sha256(path),
               "artifact": (entry or {}).get("name"), "precision": (entry or {}).get("precision"),
               "runtime": getattr(runner, "name", args.runtime),
               "source_sha256": ((data or {}).get("source") or {}).get("sha256")}

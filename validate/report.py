@@ -16,7 +16,7 @@ from rdcd.errors import MissingDependency, RdcdError
 from rdcd.validate.bench import device_label
 
 SCHEMA = "rdcd-gate-report/1"
-ICON = {"ok": "✅", "not_checked": "❎", "failed": "❌"}
+ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
 HOST = "this machine"
 
 
@@ -227,7 +227,7 @@ def verdict(report: dict) -> str:
     else:
         head = "❌ FAILED"
         detail = f"{len(g['failures'])} failure(s), {rule}"
-    extra = f"; {c['not_checked']} not checkable here (not a pass)" if c.get("not_checked") else ""
+    extra = f"; {c['not_checkable']} not checkable here (not a pass)" if c.get("not_checkable") else ""
     return f"{head}: {detail}{extra}"
 
 

@@ -56,15 +56,15 @@ def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
     from rdcd.export.api import Options, export
     from rdcd.export.source import student_source
     from rdcd.manifest import Manifest
-    from rdcd.quantize.api import REPORT, quantize_export
+    from rdcd.quantize.api import REPORT, AccuracyControl, QuantizeRecipe, quantize
 
     res = export(student_source(checkpoint, size=size), Options(targets=["onnx"], out=out, threads=a.threads,
                                                                  command="rdcd-validate sweep"))
     if res.code:
         raise RdcdError(f"the ONNX export at {size} px failed its checks (see {out / 'manifest.json'})")
-    quantize_export(out, a.calib_dir, a.calib_count, a.benchmark, targets=("onnx",), with_tensorrt=False,
-                    codes=False, latency_iters=a.iters, threads=a.threads, raise_on_drop=False,
-                    command="rdcd-validate sweep")
+    quantize(out, a.calib_dir, targets=("onnx",), recipe=QuantizeRecipe(calib_count=a.calib_count),
+             accuracy=AccuracyControl(a.benchmark), with_tensorrt=False, codes=False, latency_iters=a.iters,
+             threads=a.threads, raise_on_drop=False, command="rdcd-validate sweep")
     art = Manifest.load(out).get("onnx-int8")
     acc = art["accuracy"]
     lat = json.loads((out / REPORT).read_text())["latency"]

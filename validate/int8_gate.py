@@ -17,20 +17,21 @@ Core ML cannot run off macOS: when the quantize stage recorded W8A8/W8 µAP *sim
 (``"accuracy"`` block with ``simulated: true``) on the same benchmark (ground-truth sha256), the row
 shows those numbers labelled "simulated in PyTorch" and is still ❎ (the runtime itself was not
 checked); a simulated drop over the gate is ❌. Keys read from that block: ``simulated``, ``micro_ap``,
-``fp32_micro_ap`` (or ``reference_micro_ap``), ``ground_truth_sha256`` (or ``gt_sha256``),
-``benchmark`` (path), ``runtime``, optionally ``recall_at_p90`` and ``acc_at_1``. ``--bench-json`` merges ``rdcd-bench`` results from
+``fp32_micro_ap``, ``ground_truth_sha256``, ``benchmark`` (path), ``runtime``, optionally ``recall_at_p90`` and ``acc_at_1``. ``--bench-json`` merges ``rdcd-bench`` results from
 devices (a Jetson, a Mac) as extra latency columns; ``rdcd-validate merge`` does the same for an
 existing ``report.json``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed, RdcdError
-from rdcd.manifest import MAX_DROP, PRECISIONS, TARGETS, Manifest
+from rdcd.manifest import MAX_DROP, TARGETS, Manifest
 from rdcd.validate.gate_rows import evaluate_manifest
 
 
@@ -64,59 +65,55 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def check_manifest(manifest: Manifest) -> None:
-    """What the gate relies on beyond :meth:`Manifest.load`: known targets/precisions, unique names, references."""
-    where = manifest.path
-    if not manifest.artifacts:
-        raise RdcdError(f"{where} lists no artifacts: nothing to validate")
-    names = set()
-    for i, art in enumerate(manifest.artifacts):
-        name = art.get("name")
-        if not isinstance(name, str) or not name:
-            raise RdcdError(f"malformed {where}: artifact {i} has no name")
-        if name in names:
-            raise RdcdError(f"malformed {where}: artifact name {name!r} appears twice")
-        names.add(name)
-        if art.get("target") not in TARGETS:
-            raise RdcdError(f"malformed {where}: artifact {name!r} has target {art.get('target')!r} "
-                            f"(expected one of {', '.join(TARGETS)})")
-        if art.get("precision") not in PRECISIONS:
-            raise RdcdError(f"malformed {where}: artifact {name!r} has precision {art.get('precision')!r} "
-                            f"(expected one of {', '.join(PRECISIONS)})")
-        if not isinstance(art.get("path"), str) or not art["path"]:
-            raise RdcdError(f"malformed {where}: artifact {name!r} has no path")
-        if not isinstance(art.get("input"), dict) or not isinstance(art.get("output"), dict):
-            raise RdcdError(f"malformed {where}: artifact {name!r} input/output must be objects")
-    for art in manifest.artifacts:
-        ref = art.get("reference")
-        if ref is not None and ref not in names:
-            raise RdcdError(f"malformed {where}: artifact {art['name']!r} names reference {ref!r}, "
-                            f"which is not in the manifest")
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """The gate's settings (``rdcd-validate gate``'s options): the INT8 µAP budget (``drop_type`` absolute: µAP
+    points; relative: a share of the FP32 µAP), targets that must be checkable here, the ISC2021 ``k``,
+    optional whitening / score normalisation on the benchmark's training/, extraction and latency settings,
+    device bench JSONs to merge and the report folder."""
+
+    max_drop: float = MAX_DROP
+    drop_type: str = "absolute"
+    require: tuple[str, ...] = ()
+    allow_empty: bool = False
+    k: int = 10
+    whiten: bool = False
+    score_norm: str | None = None
+    batch_size: int = 32
+    threads: int = 2
+    latency_iters: int = 100
+    warmup: int = 10
+    bench_json: tuple[str, ...] = ()
+    report: str | None = None
 
 
-# -------------------------------------------------------------------------------------------- mains
-def gate_main(argv: Sequence[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def gate(benchmark: str | os.PathLike, exports: str | os.PathLike, config: GateConfig | None = None) -> dict:
+    """Evaluate every artifact of the export folder ``exports`` on ``benchmark``; print the table, write the
+    report (``config.report``) and return it. Raises :class:`GateFailed` (exit 1) when an INT8 artifact loses
+    more µAP than allowed (or a required target is not checkable), :class:`RdcdError` on bad input."""
     from rdcd.benchmark import load_benchmark
+    from rdcd.manifest import now
     from rdcd.validate import report as rep
     from rdcd.validate.device import device_info, load_average
     from rdcd.validate.gate_checks import check_gate_inputs
 
-    manifest = Manifest.load(a.exports)
-    check_manifest(manifest)
-    bench = load_benchmark(a.benchmark)
-    devices = check_gate_inputs(a, manifest)  # before minutes of evaluation: outputs, bench JSONs, INT8 rows
+    cfg = config or GateConfig()
+    manifest = Manifest.load(exports)  # the one manifest check (rdcd.manifest.validate)
+    if not manifest.artifacts:
+        raise RdcdError(f"{manifest.path} lists no artifacts: nothing to validate")
+    bench = load_benchmark(benchmark)
+    devices = check_gate_inputs(cfg, manifest)  # before minutes of evaluation: outputs, bench JSONs, INT8 rows
     t0 = time.perf_counter()
-    result = evaluate_manifest(bench, manifest, a)
+    result = evaluate_manifest(bench, manifest, cfg)
     report = {
-        "schema": rep.SCHEMA, "tool": "rdcd-validate gate", "created": _now(),
+        "schema": rep.SCHEMA, "tool": "rdcd-validate gate", "created": now(),
         "benchmark": {"path": str(bench.root), "ground_truth": str(bench.gt_path), "ground_truth_sha256": result["gt_sha256"],
                       **bench.summary()},
         "exports": {"path": str(manifest.dir), "source": manifest.data.get("source", {}),
                     "rdcd_version": manifest.data.get("rdcd_version")},
-        "settings": {"max_drop": a.max_drop, "drop_type": a.drop_type, "require": a.require, "k": a.k,
-                     "whiten": a.whiten, "score_norm": a.score_norm, "threads": a.threads,
-                     "latency_iters": a.latency_iters, "warmup": a.warmup, "batch_size": a.batch_size},
+        "settings": {"max_drop": cfg.max_drop, "drop_type": cfg.drop_type, "require": list(cfg.require), "k": cfg.k,
+                     "whiten": cfg.whiten, "score_norm": cfg.score_norm, "threads": cfg.threads,
+                     "latency_iters": cfg.latency_iters, "warmup": cfg.warmup, "batch_size": cfg.batch_size},
         "host": {**device_info(), "load_avg_1m_at_start": load_average()},
         "gate": {"passed": result["passed"], "failures": result["failures"], "counts": result["counts"],
                  "int8_artifacts": result["int8_artifacts"], "int8_checked": result["int8_checked"]},
@@ -126,11 +123,20 @@ def gate_main(argv: Sequence[str] | None = None) -> int:
     for d in devices:
         rep.merge_device(report, d)
     rep.print_table(report)
-    if a.report:
-        written = rep.write_report(report, a.report)
+    if cfg.report:
+        written = rep.write_report(report, cfg.report)
         print(f"report: {', '.join(str(p) for p in written)}")
     if not report["gate"]["passed"]:
         raise GateFailed("gate failed: " + "; ".join(report["gate"]["failures"]))
+    return report
+
+
+# -------------------------------------------------------------------------------------------- mains
+def gate_main(argv: Sequence[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    fields = {f.name for f in dataclasses.fields(GateConfig)}
+    cfg = GateConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in vars(a).items() if k in fields})
+    gate(a.benchmark, a.exports, cfg)
     return 0
 
 
@@ -153,9 +159,3 @@ def merge_main(argv: Sequence[str] | None = None) -> int:
     written = rep.write_report(report, out)
     print(f"merged {len(devices)} bench file(s); report: {', '.join(str(p) for p in written)}")
     return 0
-
-
-def _now() -> str:
-    from rdcd.manifest import now
-
-    return now()
