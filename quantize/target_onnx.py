@@ -32,12 +32,13 @@ def recipe_candidates(methods, engines, reduce_range: str):
 
 
 def onnx_int8(ctx: Context):
-    methods, engines, reduce_range = ctx.methods, ctx.engines, ctx.recipe.reduce_range
+    """``onnx-int8``: the first calibration candidate within the budget (else the best), then the fallback loop."""
     from rdcd.quantize.onnx_ptq import Recipe
     from rdcd.quantize.qdq_graph import check_qdq
-    from rdcd.validate.runtimes import OnnxRuntimeRunner
     from rdcd.quantize.sensitivity import fallback_loop
+    from rdcd.validate.runtimes import OnnxRuntimeRunner
 
+    methods, engines, reduce_range = ctx.methods, ctx.engines, ctx.recipe.reduce_range
     q = ctx.quantizer
     candidates = []
     best = None  # (drop, recipe, path)

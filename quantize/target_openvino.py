@@ -14,12 +14,12 @@ log = logging.getLogger("rdcd.quantize.api")
 
 
 def openvino_int8(ctx: Context):
-    fp32_onnx = ctx.fp32_onnx
+    """``openvino-int8`` (``openvino-int8/model.xml``), judged against the FP32 OpenVINO model's own µAP."""
     from rdcd.quantize.openvino_ptq import OVERFLOW_FIX, OpenVINOQuantizer, count_fake_quantize
     from rdcd.quantize.sensitivity import fallback_loop
     from rdcd.validate.runtimes import OpenVINORunner
 
-    q = ctx.quantizer
+    fp32_onnx, q = ctx.fp32_onnx, ctx.quantizer
     ov_art = fp_artifact(ctx.manifest, "openvino", ("fp32",))
     source = ctx.manifest.resolve(ov_art) if ov_art else fp32_onnx
     ovq = OpenVINOQuantizer(source, ctx.calib.images)

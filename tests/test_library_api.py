@@ -15,14 +15,13 @@ pytest.importorskip("faiss")
 
 
 def test_export_quantize_gate_chain(student_run, tiny_bench, skimage_dir, tmp_path):
-    from rdcd.export.api import Options, export
-    from rdcd.export.source import student_source
+    from rdcd.export import Options, export
     from rdcd.manifest import Manifest
     from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
     from rdcd.validate import GateConfig, gate
 
     out = tmp_path / "export"
-    result = export(student_source(student_run), Options(targets=["onnx"], out=out, threads=1, command="test"))
+    result = export(student_run, ["onnx"], out, Options(threads=1, command="test"))
     assert result.code == 0 and Manifest.load(out).get("onnx-fp32")["status"] == "ok"
 
     arts = quantize(out, skimage_dir, targets=["onnx"], recipe=QuantizeRecipe(method="minmax", calib_count=8),

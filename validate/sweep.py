@@ -58,8 +58,8 @@ def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
     from rdcd.manifest import Manifest
     from rdcd.quantize.api import REPORT, AccuracyControl, QuantizeRecipe, quantize
 
-    res = export(student_source(checkpoint, size=size), Options(targets=["onnx"], out=out, threads=a.threads,
-                                                                 command="rdcd-validate sweep"))
+    res = export(student_source(checkpoint, size=size), ["onnx"], out,
+                 Options(threads=a.threads, command="rdcd-validate sweep"))
     if res.code:
         raise RdcdError(f"the ONNX export at {size} px failed its checks (see {out / 'manifest.json'})")
     quantize(out, a.calib_dir, targets=("onnx",), recipe=QuantizeRecipe(calib_count=a.calib_count),
