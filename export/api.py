@@ -191,12 +191,10 @@ class Exporter:
             if targets & {"openvino", "tensorrt"}:
                 targets.add("onnx")  # converted from (OpenVINO) or built from (TensorRT) the ONNX model
             for target, export_target in TARGET_EXPORTS.items():
-                if target == "tensorrt" and self.opts.int8:  # INT8 first: the build script gets its lines
+                if target == "tensorrt" and self.opts.int8:  # once, before TensorRT: its script gets INT8 lines
                     int8_stage(self)
                 if target in targets:
                     export_target(self)
-            if self.opts.int8 and "tensorrt" not in targets:
-                int8_stage(self)
         self.manifest.save()
         code = max(self.exit_code, 1 if self.failed else 0)
         return Result(self.manifest, self.names, code, time.perf_counter() - t0, self.notes)

@@ -142,6 +142,17 @@ def _script_calls(tmp_path: Path, script: Path, version: str = "100300") -> list
     return log.read_text().splitlines()
 
 
+def test_int8_quantizes_once_without_tensorrt(tiny_teacher, tmp_path, skimage_dir):
+    from rdcd.export import Options, export
+    from rdcd.export.source import teacher_source
+
+    result = export(teacher_source(str(tiny_teacher), size=64), ["onnx"], tmp_path / "o",
+                    Options(int8=True, calib=_calib(tmp_path, skimage_dir), calib_count=4, threads=1))
+    assert result.code == 0
+    assert [n for n in result.notes if n.startswith("int8:")] == ["int8: rdcd.quantize.quantize ran for onnx"]
+    assert result.manifest.get("onnx-int8")["status"] == "ok"
+
+
 def test_int8_runs_the_quantize_stage(tiny_teacher, tmp_path, skimage_dir):
     """--int8 runs rdcd.quantize (the real one) on the targets exported here: its onnx-int8 and tensorrt-int8
     rows, and the one build script with the INT8 engine's line."""
