@@ -115,7 +115,7 @@ def _main(argv: Sequence[str] | None) -> int:
     cli.setup_logging(a.verbose)
     from rdcd.distill import preflight
 
-    preflight.check_inputs(a.train_dir, a.exclude_benchmark, a.eval_benchmark)  # before torch loads: fast
+    exclude = preflight.check_inputs(a.train_dir, a.exclude_benchmark, a.eval_benchmark)  # before torch loads
     from rdcd.distill.train import train
     from rdcd.model import backbone_info
 
@@ -127,7 +127,7 @@ def _main(argv: Sequence[str] | None) -> int:
     import os
 
     try:
-        result = train(cfg)
+        result = train(cfg, exclude)
     except AlreadyDone as done:
         if os.environ.get("RANK", "0") == "0":
             print(f"rdcd-distill: {done}", file=sys.stderr)

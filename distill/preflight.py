@@ -3,14 +3,12 @@ fails here, with one line, before the images are scanned, the teacher loaded or 
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 from pathlib import Path
 
 from rdcd import cli
-from rdcd.errors import RdcdError
-from rdcd.imageio import printable
+from rdcd.errors import RdcdError, printable
 
 log = logging.getLogger("rdcd.distill")
 
@@ -31,7 +29,10 @@ def _benches(value) -> list[str]:
 
 def excluded_sources(benches) -> set[str]:
     """File names of the source images the ``--exclude-benchmark`` benchmarks were built from (their
-    ``sources.csv``, column ``source``); any problem with one is an error naming it."""
+    ``sources.csv``, read by :func:`rdcd.validate.demo.used_sources`, which must exist here); any problem
+    with one is an error naming it."""
+    from rdcd.validate.demo import used_sources
+
     names: set[str] = set()
     for bench in _benches(benches):
         path = Path(bench) / "sources.csv"
@@ -42,31 +43,15 @@ def excluded_sources(benches) -> set[str]:
             raise RdcdError(f"{flag}: no sources.csv there "
                             "(a benchmark built by rdcd-validate build-demo lists its source images in it)")
         try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or "source" not in reader.fieldnames:
-                    raise RdcdError(f"{flag}: {printable(path)} has no 'source' column "
-                                    f"(columns: {', '.join(reader.fieldnames or []) or 'none'})")
-                for n, row in enumerate(reader, start=2):
-                    src = (row.get("source") or "").strip()
-                    if not src:
-                        raise RdcdError(f"{flag}: {printable(path)} line {n} has an empty 'source'")
-                    names.add(Path(src).name)
-        except UnicodeDecodeError:
-            raise RdcdError(f"{flag}: {printable(path)} is not a UTF-8 text file") from None
-        except csv.Error as exc:
-            raise RdcdError(f"{flag}: {printable(path)} is not a readable CSV file: {exc}") from None
-        except OSError as exc:
-            raise RdcdError(f"{flag}: cannot read {printable(path)}: {exc.strerror or exc}") from None
+            names |= used_sources(bench)
+        except RdcdError as exc:
+            raise RdcdError(f"{flag}: {exc}") from None
     return names
-
-
-_CHECKED: set[str] = set()  # benchmarks already checked by this process (the CLI checks before torch loads)
 
 
 def check_eval_benchmark(bench) -> None:
     """``--eval-benchmark`` is a DISC-layout benchmark (references/, queries/, ground truth) with images."""
-    if not bench or str(Path(bench).resolve()) in _CHECKED:
+    if not bench:
         return
     from rdcd.benchmark import load_benchmark
 
@@ -79,7 +64,6 @@ def check_eval_benchmark(bench) -> None:
     if not b.gt_pairs:
         raise RdcdError(f"--eval-benchmark {printable(bench)}: its ground truth lists no matching pair, so "
                         "micro-AP is undefined")
-    _CHECKED.add(str(Path(bench).resolve()))
 
 
 def check_train_dirs(train_dir) -> None:
@@ -97,9 +81,10 @@ def check_inputs(train_dir, exclude_benchmark, eval_benchmark) -> set[str]:
     return exclude
 
 
-def check(cfg, is_main: bool = True) -> set[str]:
-    """All up-front checks, inputs first (so that a bad one creates no output folder); returns the file
-    names to leave out of training."""
-    exclude = check_inputs(cfg.train_dir, cfg.exclude_benchmark, cfg.eval_benchmark)
+def check(cfg, is_main: bool = True, exclude: set[str] | None = None) -> set[str]:
+    """All up-front checks, inputs first (so that a bad one creates no output folder) unless the caller
+    already ran :func:`check_inputs` and passes its ``exclude``; returns the file names to leave out."""
+    if exclude is None:
+        exclude = check_inputs(cfg.train_dir, cfg.exclude_benchmark, cfg.eval_benchmark)
     check_outputs(cfg, is_main)
     return exclude

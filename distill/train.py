@@ -69,9 +69,10 @@ class TrainingDiverged(RdcdError):
 
 # ---------------------------------------------------------------------------------- trainer
 class Trainer:
-    def __init__(self, cfg: TrainConfig, ctx: DistContext):
+    def __init__(self, cfg: TrainConfig, ctx: DistContext, exclude: set[str] | None = None):
         cfg.validate()
         self.cfg, self.ctx = cfg, ctx
+        self.exclude = exclude  # the --exclude-benchmark file names, when the caller checked the inputs
         self.device = ctx.device
         self.out = Path(cfg.out)
         self.step = 0
@@ -96,7 +97,7 @@ class Trainer:
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
         self.amp_dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
 
-        exclude = preflight.check(cfg, ctx.is_main)  # outputs writable, benchmarks usable: before any work
+        exclude = preflight.check(cfg, ctx.is_main, self.exclude)  # outputs writable, benchmarks usable: first
         ckpt_state = checkpoint.prepare_out_dir(cfg, self.out)
         paths = scan_images(cfg.train_dir, exclude) if ctx.is_main else None
         if paths and cfg.max_images and len(paths) > cfg.max_images:
@@ -347,15 +348,16 @@ class Trainer:
                                f"stopped, {kept}; lower --lr/--base-lr or enable --clip-grad")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train (or resume) a run; returns what ``config.json`` records. Runs under torchrun too."""
+def train(cfg: TrainConfig, exclude: set[str] | None = None) -> dict:
+    """Train (or resume) a run; returns what ``config.json`` records. Runs under torchrun too. ``exclude``:
+    what :func:`rdcd.distill.preflight.check_inputs` returned, when the caller has checked the inputs."""
     ctx = DistContext.from_env(cfg.device)
     if not ctx.is_main:
         logging.getLogger("rdcd").setLevel(logging.WARNING)
     created = sorted((Path(d) for d in {cfg.out, cfg.cache_dir} if d and not Path(d).exists()),
                      key=lambda d: -len(d.parts))
     try:
-        return Trainer(cfg, ctx).run()
+        return Trainer(cfg, ctx, exclude).run()
     except BaseException:
         if ctx.is_main:  # a run refused before it wrote anything leaves no empty folder behind
             for d in created:

@@ -66,18 +66,6 @@ class Result:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def _versions(*names: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for n in names:
-        try:
-            out[n] = version(n)
-        except PackageNotFoundError:
-            pass
-    return out
-
-
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     msg = text[0] if text else ""
@@ -128,13 +116,6 @@ class Exporter:
             art.pop(key, None)
         if "produced_by" not in art:
             art["produced_by"] = self.produced_by("rdcd-export", {})
-        xml = self.out / art["path"]
-        if art["target"] == "openvino" and xml.is_file() and xml.with_suffix(".bin").is_file():
-            from rdcd.fsutil import artifact_files, artifact_sha256
-
-            # sha256 is the .xml's, like every path's; the weights are covered by content_sha256
-            art["content_sha256"] = artifact_sha256(xml)
-            art["size_bytes"] = sum(f.stat().st_size for f in artifact_files(xml))  # .xml + .bin
         art["seconds"] = round(time.perf_counter() - self._t0, 1)  # export + checks, wall time
         self.manifest.upsert(art)
         self.manifest.save()

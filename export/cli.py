@@ -160,7 +160,7 @@ def _main(argv: Sequence[str] | None) -> int:
             log.info("no --checkpoint: using the newest run, %s", ckpt)
         src = S.student_source(ckpt, size=args.size, whiten_on=args.whiten_on)
         default_out = Path("exports") / src.name
-    out = writable_dir(args.out or default_out, "--out", clean=True)
+    out = Path(args.out) if args.out else writable_dir(default_out, "--out", clean=True)  # --out: checked above
     command = "rdcd-export " + shlex.join(list(argv) if argv is not None else sys.argv[1:])
     opts = api.Options(coreml_precision=args.precision, batch=args.trt_max_batch, parity_paths=paths, int8=args.int8,
                        calib=Path(args.calib) if args.calib else None, calib_count=args.calib_count,

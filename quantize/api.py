@@ -46,7 +46,7 @@ from rdcd import __version__
 from rdcd.cli import is_disk_full
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.fsutil import write_json
-from rdcd.manifest import MAX_DROP, TARGETS, Manifest
+from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Manifest
 from rdcd.preprocess import PreprocessSpec
 from rdcd.quantize.accuracy import BenchImages
 from rdcd.quantize.calib import DEFAULT_CALIB_COUNT, load_calibration
@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 DEFAULT_TARGETS = ("onnx", "coreml", "openvino")
 REPORT = "quantize_report.json"
 CODES = "index_codes.json"
-DROP_TYPES = ("absolute", "relative")
 #: target -> its INT8 job, in the order they run (each returns its manifest row(s) and report section)
 TARGET_JOBS = {"onnx": onnx_int8, "tensorrt": tensorrt_int8, "openvino": openvino_int8, "coreml": coreml_w8a8_w8}
 

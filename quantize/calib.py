@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 
 from rdcd.errors import ImageReadError, RdcdError
-from rdcd.imageio import is_image_name, list_images
+from rdcd.imageio import list_images
 from rdcd.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,8 @@ def load_calibration(calib_dir: str | os.PathLike, spec: PreprocessSpec, count: 
     if not directory.is_dir():
         raise RdcdError(f"calibration path is not a folder: {directory}")
     exclude = set(exclude_names)
-    candidates = list_images(directory, recursive=recursive)  # skips (and warns about) non-UTF-8 names
-    bad_names = _image_files(directory, recursive) - len(candidates)
+    bad_names: list[Path] = []
+    candidates = list_images(directory, recursive=recursive, skipped=bad_names)  # warns about non-UTF-8 names
     kept = [p for p in candidates if p.name not in exclude]
     excluded = len(candidates) - len(kept)
     if excluded:
@@ -92,9 +92,4 @@ def load_calibration(calib_dir: str | os.PathLike, spec: PreprocessSpec, count: 
         raise RdcdError(f"only {len(images)} readable calibration images in {directory} (asked for {count}; "
                         f"{len(skipped)} unreadable, {excluded} left out because the benchmark uses them): "
                         "add images or lower --calib-count")
-    return CalibrationSet(np.stack(images), paths, skipped, excluded, directory, max(bad_names, 0))
-
-
-def _image_files(directory: Path, recursive: bool) -> int:
-    it = directory.rglob("*") if recursive else directory.iterdir()
-    return sum(1 for p in it if is_image_name(p.name) and p.is_file())
+    return CalibrationSet(np.stack(images), paths, skipped, excluded, directory, len(bad_names))

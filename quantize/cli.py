@@ -19,13 +19,12 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed
-from rdcd.manifest import MAX_DROP
+from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS
 
 LIBRARY_LOG = "quantize-libraries.log"
 
 
 def build_parser() -> cli.ArgumentParser:
-    from rdcd.manifest import TARGETS
     from rdcd.quantize.calib import DEFAULT_CALIB_COUNT
     from rdcd.quantize.preflight import drop_fraction
 
@@ -42,7 +41,7 @@ def build_parser() -> cli.ArgumentParser:
                         "Without it accuracy is not measured and the fallback loop is off")
     p.add_argument("--max-drop", type=drop_fraction, default=MAX_DROP,
                    help=f"largest allowed µAP drop (default {MAX_DROP}; see --drop-type)")
-    p.add_argument("--drop-type", default="absolute", choices=("absolute", "relative"),
+    p.add_argument("--drop-type", default="absolute", choices=DROP_TYPES,
                    help="--max-drop in µAP points (absolute, default) or as a share of the FP32 µAP (relative)")
     p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile"),
                    help="activation calibration; auto tries minmax, then percentile and entropy if the drop is too large")

@@ -9,28 +9,18 @@ from pathlib import Path
 
 from rdcd import __version__
 from rdcd.errors import RdcdError
-from rdcd.manifest import MAX_DROP, Manifest
+from rdcd.manifest import MAX_DROP, Manifest, package_versions
 from rdcd.quantize.accuracy import check_unit_norm
 
 log = logging.getLogger("rdcd.quantize.api")
 
 #: calibration methods tried in order by ``method="auto"`` (the first within the budget wins)
 AUTO_METHODS = ("minmax", "percentile", "entropy")
+#: the packages whose versions every quantized artifact records
+PRODUCED_WITH = ("onnx", "onnxruntime", "nncf", "openvino", "coremltools", "torch", "faiss-cpu")
 #: calibration images the per-layer SQNR ranking runs on
 SENSITIVITY_IMAGES = 16
 TRT_PREDICTION = "onnxruntime (QDQ reference semantics, graph optimisations off): the TensorRT INT8 prediction"
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"rdcd": __version__}
-    for pkg in ("onnx", "onnxruntime", "nncf", "openvino", "coremltools", "torch", "faiss-cpu"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def fp_artifact(manifest: Manifest, target: str, precisions=("fp32",)) -> dict | None:
@@ -52,7 +42,7 @@ class Context:
         self.onnx_art, self.fp32_onnx, self.student, self.checkpoint = onnx_art, fp32_onnx, student, checkpoint
         #: the µAP budget in points; a relative AccuracyControl becomes points once the FP32 µAP is known
         self.max_drop = accuracy.max_drop if accuracy is not None else MAX_DROP
-        self.fallback = bench is not None and accuracy is not None and accuracy.fallback
+        self.fallback = accuracy is not None and accuracy.fallback  # the benchmark comes with the accuracy control
         self.max_steps = accuracy.max_fallback_steps if accuracy is not None else 0
         self.methods = AUTO_METHODS if recipe.method == "auto" else (recipe.method,)
         # NNCF's QDQ graphs leave Conv -> Clip -> QuantizeLinear, which ONNX Runtime cannot fuse into integer
@@ -97,7 +87,7 @@ class Context:
         return {"drop_ci95": [round(iv.low, 6), round(iv.high, 6)]}
 
     def produced_by(self, tool: str, options: dict) -> dict:
-        return {"tool": tool, "versions": versions(), "options": options,
+        return {"tool": tool, "versions": {"rdcd": __version__, **package_versions(*PRODUCED_WITH)}, "options": options,
                 "command": self.command or "rdcd.quantize.quantize"}
 
     def base(self, name, target, precision, path, runtime, reference, status="ok", reason=None) -> dict:

@@ -40,7 +40,6 @@ ENGINES = ("ort", "nncf")
 CALIB_FLUSH = 16
 
 
-
 def _ort():
     try:
         import onnxruntime
@@ -86,8 +85,6 @@ class Recipe:
         return cls(engine=engine, method=method, activations="symmetric", reduce_range="none")
 
 
-# ------------------------------------------------------------------------------------------- graph
-#: module names of the deploy wrappers around the student (DeployModel.student, export's OnnxDeploy.net)
 # ---------------------------------------------------------------------------------------- quantizer
 class OnnxQuantizer:
     """Quantizes one FP32 ONNX model repeatedly (calibration statistics cached between calls)."""

@@ -11,7 +11,6 @@ No torch here.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
@@ -23,25 +22,15 @@ from typing import Iterator, Sequence
 from rdcd import cli
 from rdcd.errors import RdcdError
 from rdcd.fsutil import sha256, temp_prefix
-from rdcd.imageio import printable
+from rdcd.errors import printable
 
 log = logging.getLogger(__name__)
 
 WORK = "quantize-work"
 
 
-def drop_fraction(text: str) -> float:
-    """argparse ``type=`` of ``--max-drop``: an absolute µAP drop in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a µAP drop in [0, 1)")
-    return value
-
-
-drop_fraction.__name__ = "a µAP drop in [0, 1)"
+#: argparse ``type=`` of ``--max-drop``: a µAP drop in [0, 1)
+drop_fraction = cli.number(float, 0.0, "a µAP drop in [0, 1)", below=1.0)
 
 
 def check_options(method: str, reduce_range: str, engine: str, max_drop: float, methods: Sequence[str]) -> None:

@@ -48,10 +48,7 @@ def openvino_int8(ctx: Context):
                                                                       if source.is_relative_to(ctx.manifest.dir) else str(source),
                                                                       "ignored_onnx_nodes": q.float_nodes})
     art["fake_quantize_ops"] = count_fake_quantize(ctx.manifest.dir / rel)
-    art["checks"] = {"unit_norm": unit_norm}
-    from rdcd.fsutil import size_bytes
-
-    art["size_bytes"] = size_bytes(out_dir)  # model.xml + model.bin
+    art["checks"] = {"unit_norm": unit_norm}  # sha256, size (model.xml + model.bin), content_sha256: Manifest.upsert
     if ctx.bench is not None:
         art["accuracy"] = accuracy_block(ctx.bench, fp32_uap, res.chosen.micro_ap, "openvino", False,
                                          threads=ctx.threads, **ctx.interval("openvino-fp32", res.chosen.path))

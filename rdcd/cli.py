@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from rdcd.errors import Interrupted, RdcdError
+from rdcd.errors import Interrupted, RdcdError, printable
 from rdcd.fsutil import remove_stale_temps, temp_prefix
 
 #: errno values that mean the disk (or a file size limit) is full.
@@ -60,13 +60,15 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(kind, minimum, what):
+def number(kind, minimum, what: str, below: float | None = None):
+    """An argparse ``type=``: ``kind`` (int / float) >= ``minimum`` (and < ``below``), NaN refused; ``what``
+    is the one-line message's wording."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if value != value or value < minimum:  # NaN too
+        if value != value or value < minimum or (below is not None and not value < below):  # NaN too
             raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
         return value
     parse.__name__ = what  # argparse names the type in its message
@@ -74,9 +76,9 @@ def _number(kind, minimum, what):
 
 
 #: argparse ``type=`` for counts, sizes and budgets: one check, one message, everywhere.
-positive_int = _number(int, 1, "a positive integer")
-nonnegative_int = _number(int, 0, "an integer >= 0")
-nonnegative_float = _number(float, 0.0, "a number >= 0")
+positive_int = number(int, 1, "a positive integer")
+nonnegative_int = number(int, 0, "an integer >= 0")
+nonnegative_float = number(float, 0.0, "a number >= 0")
 
 
 def writable_dir(path: str | os.PathLike, what: str = "output folder", clean: bool = False) -> Path:
@@ -84,7 +86,7 @@ def writable_dir(path: str | os.PathLike, what: str = "output folder", clean: bo
     starts, and creating nothing (a run refused later leaves no empty folder behind). With ``clean``, the
     temporaries that killed rdcd runs left in it (and beside it) are removed."""
     path = Path(path)
-    shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+    shown = printable(path)
     if path.exists() and not path.is_dir():
         raise RdcdError(f"{what} {shown} exists and is not a folder")
     existing = path
@@ -121,7 +123,7 @@ def _clean(path: Path, inside: bool) -> None:
         removed += remove_stale_temps(path)
     if removed:
         logging.getLogger("rdcd").info("removed %d leftover temporaries of interrupted runs near %s",
-                                       len(removed), os.fsencode(path).decode("utf-8", "backslashreplace"))
+                                       len(removed), printable(path))
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -138,7 +140,7 @@ def _reason(exc: OSError) -> str:
 
 def describe_os_error(exc: OSError) -> str:
     name = exc.filename if exc.filename is not None else ""
-    name = os.fsencode(name).decode("utf-8", "backslashreplace") if name else ""
+    name = printable(name) if name else ""
     if exc.errno in FULL_ERRNOS:
         return f"disk full while writing {name or 'output'}: free space and run again" \
                " (completed outputs are kept; nothing half-written is left)"

@@ -29,11 +29,16 @@ class Interrupted(KeyboardInterrupt):
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
 
 
+def printable(path) -> str:
+    """``path`` as text that can always be printed or written as UTF-8 (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
 class ImageReadError(RdcdError):
     """An image file that cannot be decoded; the message names the file."""
 
     def __init__(self, path, reason: str):
-        self.path = os.fsencode(path).decode("utf-8", "backslashreplace")
+        self.path = printable(path)
         self.reason = reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 

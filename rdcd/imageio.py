@@ -18,7 +18,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from rdcd.errors import ImageReadError, RdcdError
+from rdcd.errors import ImageReadError, RdcdError, printable
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -109,11 +109,6 @@ def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def printable(path: str | os.PathLike) -> str:
-    """``path`` as text that can always be printed or written as UTF-8 (undecodable bytes as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
 def has_utf8_name(path: str | os.PathLike) -> bool:
     try:
         os.fsencode(path).decode("utf-8")
@@ -122,11 +117,12 @@ def has_utf8_name(path: str | os.PathLike) -> bool:
         return False
 
 
-def list_images(directory: str | os.PathLike, recursive: bool = False) -> list[Path]:
+def list_images(directory: str | os.PathLike, recursive: bool = False,
+                skipped: list[Path] | None = None) -> list[Path]:
     """Image files in ``directory`` (by extension), sorted; an error if the folder is missing.
 
     A file whose name is not valid UTF-8 cannot become an id in a CSV or a manifest: it is skipped
-    with one warning naming it (undecodable bytes shown as ``\\xNN``).
+    with one warning naming it (undecodable bytes shown as ``\\xNN``), and appended to ``skipped``.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -138,6 +134,8 @@ def list_images(directory: str | os.PathLike, recursive: bool = False) -> list[P
             continue
         if not has_utf8_name(p.relative_to(directory)):
             _log.warning("skipping %s: its file name is not valid UTF-8 (rename it to use it)", printable(p))
+            if skipped is not None:
+                skipped.append(p)
             continue
         found.append(p)
     return sorted(found)

@@ -68,11 +68,26 @@ STATUSES = ("ok", "not_checkable", "failed")
 #: The µAP an INT8 artifact may lose against its FP32 reference by default: one budget for rdcd-quantize's
 #: float fallback, the gate and the demo.
 MAX_DROP = 0.005
+#: how a budget is read: µAP points (absolute) or a share of the FP32 µAP (relative, NNCF's DropType.RELATIVE)
+DROP_TYPES = ("absolute", "relative")
 REQUIRED = ("name", "target", "precision", "path", "input", "output", "produced_by", "status")
 
 
 def now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def package_versions(*names: str) -> dict[str, str]:
+    """The installed versions of ``names`` (those installed), for an artifact's ``produced_by.versions``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = version(n)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def io_spec(size: int, dim: int, input_name: str = "image", output_name: str = "descriptor",
@@ -177,18 +192,22 @@ class Manifest:
         return self.dir / art["path"]
 
     def upsert(self, art: dict[str, Any]) -> dict[str, Any]:
-        """Add an artifact, replacing one of the same name; fills sha256/size when the file exists."""
+        """Add an artifact, replacing one of the same name; fills sha256 (of ``path``), size_bytes (of all its
+        files) and, for several files (OpenVINO ``.xml`` + ``.bin``), content_sha256 when they exist."""
         missing = [k for k in REQUIRED if k not in art]
         if missing:
             raise ValueError(f"artifact {art.get('name')} lacks {missing}")
         if art["target"] not in TARGETS or art["precision"] not in PRECISIONS or art["status"] not in STATUSES:
             raise ValueError(f"bad target/precision/status in {art}")
-        from rdcd.fsutil import sha256, size_bytes
+        from rdcd.fsutil import artifact_files, artifact_sha256, sha256, size_bytes
 
         p = self.resolve(art)
         if p.exists():
+            files = artifact_files(p)
             art.setdefault("sha256", sha256(p))
-            art.setdefault("size_bytes", size_bytes(p))
+            art.setdefault("size_bytes", sum(size_bytes(f) for f in files))
+            if len(files) > 1:  # the weights are covered by content_sha256
+                art.setdefault("content_sha256", artifact_sha256(p))
         self.data["artifacts"] = [a for a in self.artifacts if a["name"] != art["name"]] + [art]
         return art
 

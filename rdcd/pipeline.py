@@ -141,6 +141,7 @@ class Demo:
     out: Path
     pool: Path
     bench_dir: Path
+    bench: object  # rdcd.benchmark.Benchmark of bench_dir
     train_dir: Path
     summary: dict
     timings: dict
@@ -159,11 +160,10 @@ class Demo:
 
 
 def baselines_stage(d: Demo) -> int:
-    from rdcd.benchmark import load_benchmark
     from rdcd.validate.evaluate import describe, evaluate_descriptors
     from rdcd.validate.models import resolve_model
 
-    bench, a, t1 = load_benchmark(d.bench_dir), d.a, time.time()
+    bench, a, t1 = d.bench, d.a, time.time()
     rows = []
     for spec in ("teacher", "sscd-distilled", "pdq", f"student:{a.backbone}:{a.dim}"):
         emb, pspec, label = resolve_model(spec, size=a.size if spec.startswith("student") else None)
@@ -289,7 +289,7 @@ def _main(argv: Sequence[str] | None) -> int:
     timings = {"bench": round(time.time() - t0, 1)}
     bench = load_benchmark(bench_dir)
     print(f"benchmark {bench_dir}: {json.dumps(bench.summary())}")
-    d = Demo(a, out, pool, bench_dir, train_dir,
+    d = Demo(a, out, pool, bench_dir, bench, train_dir,
              {"benchmark": str(bench_dir), "benchmark_summary": bench.summary(), "stages": {}}, timings)
     code = 0
     for name, run_stage in STAGES.items():

@@ -181,6 +181,14 @@ def micro_ap(hits, query_ids, gt) -> float:
     return round(evaluate(Predictions.from_rows(rows), [tuple(p) for p in gt]).micro_ap, 4)
 
 
+def exact_top10(queries: np.ndarray, refs: np.ndarray, ids) -> list[list[tuple[str, float]]]:
+    """Exact float top-10 of every query, as (reference id, score) like an index's hits."""
+    from rdcd.validate.search import knn
+
+    sims, idx = knn(queries, refs, 10)
+    return [[(str(ids[j]), float(s)) for s, j in zip(sr, ir)] for sr, ir in zip(sims, idx)]
+
+
 def recall10(hits, exact) -> float:
     return round(float(np.mean([len({r for r, _ in h} & set(e)) / max(1, len(e)) for h, e in zip(hits, exact)])), 4)
 
@@ -195,7 +203,6 @@ def pair_recall(hits, exact, query_ids, gt) -> float:
 
 def run_model(name: str, desc: Path, n: int, threads: int, tmp: Path, configs, clusters: int) -> list[dict]:
     from rdcd.validate.index import default_nlist, ivf_plan, new_meta, pq_subquantizers
-    from rdcd.validate.search import knn
 
     d = np.load(desc)
     real = np.concatenate([d["refs"], d["extra"]])
@@ -206,20 +213,15 @@ def run_model(name: str, desc: Path, n: int, threads: int, tmp: Path, configs, c
     dim, queries, qids, gt = refs.shape[1], d["queries"], list(d["queries_ids"]), d["gt"]
     np.save(tmp / "refs.npy", refs), np.save(tmp / "ids.npy", ids), np.save(tmp / "queries.npy", queries)
     t = time.perf_counter()
-    sims, idx = knn(queries, refs, 10)
+    exact_hits = exact_top10(queries, refs, ids)
     exact_s = time.perf_counter() - t
-    exact = [[str(ids[j]) for j in row] for row in idx]
-    exact_hits = [[(str(ids[j]), float(s)) for s, j in zip(sr, ir)] for sr, ir in zip(sims, idx)]
-    bench_only, real_only = knn(queries, d["refs"], 10), knn(queries, real, 10)
-    real_ids = ids[:len(real)]
+    exact = [[r for r, _ in h] for h in exact_hits]
     base = {"model": name, "label": str(d["label"]), "dim": dim, "n": len(refs), "real_refs": len(real),
             "synthetic": "gaussian" if clusters <= 1 else f"mixture{clusters}",
             "bench_refs": len(d["refs"]), "queries": len(queries), "true_pairs": len(gt),
             "micro_ap_exact_1m": micro_ap(exact_hits, qids, gt),
-            "micro_ap_bench_only": micro_ap([[(str(d["refs_ids"][j]), float(s)) for s, j in zip(sr, ir)]
-                                             for sr, ir in zip(*bench_only)], qids, gt),
-            "micro_ap_real_only": micro_ap([[(str(real_ids[j]), float(s)) for s, j in zip(sr, ir)]
-                                            for sr, ir in zip(*real_only)], qids, gt),
+            "micro_ap_bench_only": micro_ap(exact_top10(queries, d["refs"], d["refs_ids"]), qids, gt),
+            "micro_ap_real_only": micro_ap(exact_top10(queries, real, ids[:len(real)]), qids, gt),
             "exact_numpy_faiss_s": round(exact_s, 1)}
     print(json.dumps(base), file=sys.stderr)
     del refs, synth, real

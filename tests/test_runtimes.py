@@ -152,12 +152,12 @@ def test_runner_modules_import_without_torch():
         from rdcd.validate.cuda import cuda_devices
         from rdcd.validate.device import device_info
         from rdcd.validate.int8_gate import build_parser, gate_main, merge_main
-        from rdcd.validate.gate_reference import FAILED, INT8_CLASS, NOT_CHECKED, OK, SIMULATED
+        from rdcd.validate.gate_reference import FAILED, INT8_CLASS, NOT_CHECKABLE, OK, SIMULATED
         from rdcd.validate.gate_rows import evaluate_manifest
         import rdcd.validate.bench, rdcd.validate.cuda, rdcd.validate.device, rdcd.validate.gate_rows
         import rdcd.validate.gate_reference, rdcd.validate.evaluate, rdcd.validate.models, rdcd.preprocess
         from rdcd.validate.bench import _find_manifest_entries, _pick_entry, measure_latency, resolve_size
-        assert INT8_CLASS == ("int8", "w8a8", "w8") and (OK, NOT_CHECKED, FAILED) == ("ok", "not_checkable", "failed")
+        assert INT8_CLASS == ("int8", "w8a8", "w8") and (OK, NOT_CHECKABLE, FAILED) == ("ok", "not_checkable", "failed")
         n, why = cuda_devices()
         assert isinstance(n, int) and (n or why)
         assert device_info()["cpu_count"] >= 1

@@ -241,12 +241,8 @@ def device_label(record: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def _input_size(text: str) -> int:
-    """argparse ``type=`` for ``--size``: an image side of at least 16 pixels."""
-    size = cli.positive_int(text)
-    if size < 16:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be an integer >= 16")
-    return size
+#: argparse ``type=`` for ``--size``: an image side of at least 16 pixels
+_input_size = cli.number(int, 16, "an integer >= 16")
 
 
 def build_parser() -> cli.ArgumentParser:

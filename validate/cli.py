@@ -21,7 +21,6 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import RdcdError
-from rdcd.validate.models import model_spec
 
 SUBCOMMANDS = ("metrics", "build-demo", "eval", "gate", "merge", "sweep")
 
@@ -88,6 +87,8 @@ def _build_demo(argv: Sequence[str]) -> int:
 
 
 def _eval(argv: Sequence[str]) -> int:
+    from rdcd.validate.models import model_spec  # numpy and PIL: only for eval, not every subcommand
+
     p = cli.ArgumentParser(prog="rdcd-validate eval", description="Evaluate one model on a DISC-layout benchmark.")
     p.add_argument("--benchmark", required=True)
     p.add_argument("--model", required=True, action="append", type=model_spec,

@@ -8,15 +8,21 @@ import numpy as np
 from rdcd.errors import RdcdError
 
 
+def _cudart():
+    """cuda-python's runtime API module, or ``None`` when cuda-python is not installed."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # cuda-python < 12.6
+        except ImportError:
+            return None
+    return cudart
+
+
 def cuda_devices() -> tuple[int, str]:
     """(number of CUDA devices, why none) through cuda-python or pycuda; never imports torch."""
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart  # cuda-python < 12.6
-    except ImportError:
-        cudart = None
+    cudart = _cudart()
     if cudart is not None:
         try:
             err, count = cudart.cudaGetDeviceCount()
@@ -135,13 +141,9 @@ def cuda_backend():
         from rdcd.errors import RuntimeUnavailable
 
         raise RuntimeUnavailable(f"no NVIDIA GPU usable here ({why})")
-    try:
-        try:
-            from cuda.bindings import runtime as cudart
-        except ImportError:
-            from cuda import cudart
+    cudart = _cudart()
+    if cudart is not None:
         return _CudaRT(cudart)
-    except ImportError:
-        import pycuda.driver as pcuda
+    import pycuda.driver as pcuda
 
-        return _PyCuda(pcuda)
+    return _PyCuda(pcuda)

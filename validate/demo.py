@@ -178,19 +178,31 @@ def build_demo(out_dir: str | os.PathLike, config: DemoConfig = DemoConfig(), fo
 
 def used_sources(bench: str | os.PathLike) -> set[str]:
     """Source image file names a benchmark was built from (its ``sources.csv``, column ``source``; to keep
-    them out of training). A file without that column, or not UTF-8 CSV, is a one-line error."""
+    them out of training and calibration); none without that file. A file without that column, a row
+    without a source, not UTF-8 or not CSV is a one-line error."""
     import csv
+
+    from rdcd.errors import printable
 
     path = Path(bench) / "sources.csv"
     if not path.exists():
         return set()
+    names: set[str] = set()
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh, strict=True)
             if not reader.fieldnames or "source" not in reader.fieldnames:
-                raise RdcdError(f"{path} has no 'source' column (columns: {', '.join(reader.fieldnames or []) or 'none'})")
-            return {Path(src).name for row in reader if (src := (row.get("source") or "").strip())}
+                raise RdcdError(f"{printable(path)} has no 'source' column "
+                                f"(columns: {', '.join(reader.fieldnames or []) or 'none'})")
+            for n, row in enumerate(reader, start=2):
+                src = (row.get("source") or "").strip()
+                if not src:
+                    raise RdcdError(f"{printable(path)} line {n} has an empty 'source'")
+                names.add(Path(src).name)
     except UnicodeDecodeError:
-        raise RdcdError(f"{path} is not UTF-8 text") from None
+        raise RdcdError(f"{printable(path)} is not UTF-8 text") from None
     except csv.Error as exc:
-        raise RdcdError(f"{path}: malformed CSV: {exc}") from None
+        raise RdcdError(f"{printable(path)}: malformed CSV: {exc}") from None
+    except OSError as exc:
+        raise RdcdError(f"cannot read {printable(path)}: {exc.strerror or exc}") from None
+    return names

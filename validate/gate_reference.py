@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rdcd.manifest import Manifest
+from rdcd.manifest import STATUSES, Manifest
 
 INT8_CLASS = ("int8", "w8a8", "w8")
-OK, NOT_CHECKED, FAILED = "ok", "not_checkable", "failed"
+OK, NOT_CHECKABLE, FAILED = STATUSES  # a gate row's status: the manifest's words
 SIMULATED = "simulated in PyTorch"
 
 
@@ -89,11 +89,11 @@ def compare_with_reference(row: dict, by_name: dict, cfg) -> None:
         elif row["gated"]:
             why = ref["reason"] if ref else "not in the manifest"
             if row["status"] == OK:
-                row.update(status=NOT_CHECKED, reason=f"reference {ref_name} not evaluated ({why}): µAP drop unknown")
+                row.update(status=NOT_CHECKABLE, reason=f"reference {ref_name} not evaluated ({why}): µAP drop unknown")
             return
     if ref_map is None:
         if row["gated"] and row["status"] == OK:
-            row.update(status=NOT_CHECKED, reason="no FP32 reference in the manifest: µAP drop unknown")
+            row.update(status=NOT_CHECKABLE, reason="no FP32 reference in the manifest: µAP drop unknown")
         return
     row["reference_micro_ap"] = ref_map
     row["delta"] = row["micro_ap"] - ref_map

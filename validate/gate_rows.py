@@ -12,7 +12,7 @@ import numpy as np
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.fsutil import artifact_files, artifact_sha256
 from rdcd.manifest import Manifest
-from rdcd.validate.gate_reference import (FAILED, INT8_CLASS, NOT_CHECKED, OK, add_simulated, compare_with_reference,
+from rdcd.validate.gate_reference import (FAILED, INT8_CLASS, NOT_CHECKABLE, OK, add_simulated, compare_with_reference,
                                           default_reference, drop_interval)
 
 
@@ -58,8 +58,9 @@ class Evaluator:
             self._sample = spec.load(self.bench.queries.paths[0])[None]
         return self._sample
 
-    def run(self, manifest: Manifest, art: dict, runtime: str):
-        """Return (measurement dict, runner description) or raise."""
+    def run(self, manifest: Manifest, art: dict, runtime: str, content_key: str):
+        """Return (measurement dict, runner description) or raise; ``content_key``: the artifact's
+        :func:`~rdcd.fsutil.artifact_sha256` (two rows of the same files and runtime are measured once)."""
         from rdcd.validate.bench import measure_latency
         from rdcd.validate.evaluate import describe, evaluate_descriptors
         from rdcd.validate.runtimes import load_runner
@@ -67,7 +68,7 @@ class Evaluator:
         cfg = self.cfg
         path = manifest.resolve(art)
         runner = load_runner(path, runtime=runtime, threads=cfg.threads)
-        key = (artifact_sha256(path), runner.name)
+        key = (content_key, runner.name)
         if key in self.cache:
             return {**self.cache[key], "cached": True, "predictions": self.predictions[key]}, runner.describe()
         spec = _spec_for(manifest, art)
@@ -108,9 +109,12 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                "latency": None, "curve": None, "notes": [], "devices": {}}
         rows.append(row)
         row["notes"] += [engine_note] if engine_note else []
+        content_key = None
         if path.exists():
-            row["size_bytes"] = sum(size_bytes(f) for f in artifact_files(path))
+            files = artifact_files(path)
+            row["size_bytes"] = sum(size_bytes(f) for f in files)
             row["sha256"] = sha256(path)
+            content_key = row["sha256"] if len(files) == 1 else artifact_sha256(path)
             if art.get("sha256") and art["sha256"] != row["sha256"]:
                 row["notes"].append("file differs from the sha256 recorded in the manifest")
         if art["status"] == "failed":
@@ -118,7 +122,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
             continue
         if not path.exists():
             if art["status"] == "not_checkable":
-                row.update(status=NOT_CHECKED, reason=art.get("reason") or f"{art['path']} was not built here")
+                row.update(status=NOT_CHECKABLE, reason=art.get("reason") or f"{art['path']} was not built here")
                 add_simulated(row, art, bench, gt_sha)
             else:
                 what = "TensorRT engine" if art.get("runtime") == "tensorrt" else "file"
@@ -127,11 +131,11 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
         runtime = art.get("runtime") if art.get("runtime") in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
         t0 = time.perf_counter()
         try:
-            meas, desc = ev.run(manifest, art, runtime)
+            meas, desc = ev.run(manifest, art, runtime, content_key)
             _progress(f"{art['name']}: µAP {meas['micro_ap']:.4f}, p50 {meas['latency']['p50_ms']:.2f} ms "
                       f"({time.perf_counter() - t0:.1f} s)")
         except (RuntimeUnavailable, MissingDependency) as exc:
-            row.update(status=NOT_CHECKED, reason=f"not checkable here: {_first_line(exc)}")
+            row.update(status=NOT_CHECKABLE, reason=f"not checkable here: {_first_line(exc)}")
             add_simulated(row, art, bench, gt_sha)
             continue
         except RdcdError as exc:
@@ -157,7 +161,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
         drop_interval(row, predictions, bench, cfg)
     # a not-checkable row whose file was evaluated under another runtime (the QDQ model behind a TensorRT row)
     for row in rows:
-        if row["status"] == NOT_CHECKED and row["sha256"] and not row["simulated"]:
+        if row["status"] == NOT_CHECKABLE and row["sha256"] and not row["simulated"]:
             twin = next((r for r in rows if r is not row and r["sha256"] == row["sha256"] and r["status"] == OK), None)
             if twin:
                 row["notes"].append(f"the same file was evaluated as {twin['name']} ({twin['runtime']})")
@@ -167,14 +171,14 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
         if not mine:
             failures.append(f"required target {t}: no artifact in the manifest")
         for r in mine:
-            if r["status"] == NOT_CHECKED:
+            if r["status"] == NOT_CHECKABLE:
                 r.update(status=FAILED, reason=f"required target {t} not checked: {r['reason']}")
     for r in rows:
         if r["status"] == FAILED:
             failures.append(f"{r['name']}: {r['reason']}")
     gated = [r for r in rows if r["gated"]]
     return {"rows": rows, "gt_sha256": gt_sha, "failures": failures, "passed": not failures,
-            "counts": {s: sum(r["status"] == s for r in rows) for s in (OK, NOT_CHECKED, FAILED)},
+            "counts": {s: sum(r["status"] == s for r in rows) for s in (OK, NOT_CHECKABLE, FAILED)},
             "int8_artifacts": len(gated), "int8_checked": sum(r["status"] == OK for r in gated)}
 
 

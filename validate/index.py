@@ -254,7 +254,7 @@ class FaissStore:
         vectors = _f32(vectors)
         if vectors.ndim != 2 or vectors.shape != (len(ids), int(self.meta["dim"])):
             raise RdcdError(f"expected {len(ids)} descriptors of dim {self.meta['dim']}, got {vectors.shape}")
-        dup = check_new_ids(ids, self.table.label_of() if len(self.table) else {}, replace)
+        dup = check_new_ids(ids, self.table.label_of(), replace)
         if dup:
             old = self.table.remove(dup)
             removed = self.index.remove_ids(old)

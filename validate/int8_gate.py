@@ -31,7 +31,7 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed, RdcdError
-from rdcd.manifest import MAX_DROP, TARGETS, Manifest
+from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Manifest
 from rdcd.validate.gate_rows import evaluate_manifest
 
 
@@ -45,7 +45,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--exports", required=True, help="export directory with manifest.json (rdcd-export / rdcd-quantize)")
     p.add_argument("--max-drop", type=float, default=MAX_DROP,
                    help=f"largest allowed µAP drop of an INT8 artifact (default {MAX_DROP})")
-    p.add_argument("--drop-type", choices=("absolute", "relative"), default="absolute",
+    p.add_argument("--drop-type", choices=DROP_TYPES, default="absolute",
                    help="absolute: fp32 - int8 µAP; relative: (fp32 - int8) / fp32 (default absolute)")
     p.add_argument("--require", action="append", default=[], choices=TARGETS, metavar="TARGET",
                    help=f"a target ({', '.join(TARGETS)}) that must be checked here: not checkable = failure (repeatable)")
