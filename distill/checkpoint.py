@@ -72,16 +72,10 @@ def read_checkpoint(path: Path) -> dict:
         raise RdcdError(f"cannot read checkpoint {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
-def checkpoint_step(out: Path) -> int | str:
-    try:
-        return int(torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)["step"])
-    except Exception:
-        return "?"
-
-
-def write_checkpoint(path: Path, state: dict, step: int) -> None:
+def write_checkpoint(path: Path, state: dict, step: int, previous: int | None = None) -> None:
     """Serialise in memory, then write atomically: a full disk fails as an ``OSError`` of the write (torch's
-    own file writer reports it as a bare RuntimeError), and leaves the previous checkpoint untouched."""
+    own file writer reports it as a bare RuntimeError), and leaves the previous checkpoint (of step
+    ``previous``, when one was written or loaded) untouched."""
     buf = io.BytesIO()
     torch.save(state, buf)
     try:
@@ -89,8 +83,8 @@ def write_checkpoint(path: Path, state: dict, step: int) -> None:
             with open(tmp, "wb") as fh:
                 fh.write(buf.getbuffer())
     except OSError as exc:
-        prev = checkpoint_step(path.parent) if path.exists() else None
-        kept = f"the previous checkpoint (step {prev}) is intact" if prev is not None else "no checkpoint was kept"
+        kept = f"the previous checkpoint (step {previous}) is intact" if previous is not None and path.exists() \
+            else "no checkpoint was kept"
         if cli.is_disk_full(exc):
             raise RdcdError(f"disk full while writing the checkpoint of step {step} to {path}: free space and run "
                             f"again with --resume ({kept})") from None

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import math
 from pathlib import Path
 from typing import Any
 
 from rdcd.distill import augment
+from rdcd.distill.fields import check_fields
 from rdcd.distill.heads import HeadConfig
 from rdcd.errors import RdcdError
 
@@ -53,7 +53,7 @@ GROUPS = ("data", "model", "optimisation", "losses",
 
 def opt(default=None, help: str | None = None, *, group: str, factory=None, **meta):  # noqa: A002
     """A :class:`TrainConfig` field with its command-line option. ``meta``: ``min`` (int lower bound, also
-    picks the parser type), ``check`` (floats: ``positive``, ``nonneg``, ``unit`` = [0, 1)), ``flag``,
+    picks the parser type), ``check`` (floats: :data:`rdcd.distill.fields.CHECKS`), ``flag``,
     ``choices``, ``metavar``, ``action``, ``required``; ``cli=False``: no option."""
     meta = {"help": help, "group": group, **meta}
     if factory is not None:
@@ -171,31 +171,8 @@ class TrainConfig:
         return self.canvas or self.view_size
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise RdcdError(f"unknown --mode {self.mode!r}: use rdcd or baseline")
-        for f in dataclasses.fields(self):  # lower bounds and ranges from the fields' metadata
-            value, low, check, flag = getattr(self, f.name), f.metadata.get("min"), f.metadata.get("check"), _flag(f)
-            if value is None and f.default is None:
-                continue
-            if low is not None:
-                if f.name == "max_steps" and not self.head_steps:
-                    low = 1  # a run without a head stage needs a step
-                if isinstance(value, bool) or not isinstance(value, int):
-                    raise RdcdError(f"{flag} must be an integer, got {value!r}")
-                if value < low:
-                    raise RdcdError(f"{flag} must be at least {low}, got {value}")
-            if isinstance(value, float) and not math.isfinite(value):  # no nan / inf from a config or the parser
-                raise RdcdError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
-            if check == "positive" and not value > 0:
-                raise RdcdError(f"{flag} must be a positive number, got {value}")
-            if check == "nonneg" and not value >= 0:
-                raise RdcdError(f"{flag} must be >= 0, got {value}")
-            if check == "unit" and not 0 <= value < 1:
-                raise RdcdError(f"{flag} must be in [0, 1), got {value}")
-        if self.export_momentum not in EXPORT_MOMENTUM:
-            raise RdcdError(f"--export-momentum must be auto, never or always, got {self.export_momentum!r}")
-        if self.bn not in BN_MODES:
-            raise RdcdError(f"unknown --bn {self.bn!r}: use one of {', '.join(BN_MODES)}")
+        # bounds, ranges and choices from the fields' metadata (a run without a head stage needs a step)
+        check_fields(self, {"max_steps": 1} if not self.head_steps else None)
         if self.head_steps and self.mode != "rdcd":
             raise RdcdError("--head-steps needs --mode rdcd (the heads learn from cached teacher features)")
         if self.head_steps and self.cache_views < 2:
@@ -212,10 +189,6 @@ class TrainConfig:
     def cache_dir(self) -> str | None:
         """The feature cache: ``cache``, or ``<out>/cache`` when the head stage needs one."""
         return self.cache or (str(Path(self.out) / "cache") if self.head_steps and self.mode == "rdcd" else None)
-
-
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def from_options(values: dict[str, Any], heads: dict[str, Any] | None = None) -> TrainConfig:

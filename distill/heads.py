@@ -51,10 +51,10 @@ INITS = ("pca", "pcaw", "random")
 
 @dataclasses.dataclass
 class HeadConfig:
-    steps: int = 2000
-    batch_size: int = dataclasses.field(default=256, metadata={"flag": "--head-batch-size", "min": 1,
+    steps: int = dataclasses.field(default=2000, metadata={"flag": "--head-steps", "min": 0})
+    batch_size: int = dataclasses.field(default=256, metadata={"flag": "--head-batch-size", "min": 2,
                                                                "help": "head-stage batch"})
-    lr: float = dataclasses.field(default=1e-3, metadata={"flag": "--head-lr",  # AdamW, cosine decay
+    lr: float = dataclasses.field(default=1e-3, metadata={"flag": "--head-lr", "check": "positive",  # AdamW, cosine
                                                           "help": "head-stage AdamW learning rate"})  # after a 5 % warm-up
     weight_decay: float = 1e-4
     mode: str = dataclasses.field(default="rdcd", metadata={"flag": "--head-mode", "choices": MODES, "help": (
@@ -62,7 +62,7 @@ class HeadConfig:
     init: str = dataclasses.field(default="random", metadata={"flag": "--head-init", "choices": INITS, "help": (
         "random (measured best), or fc by ridge regression onto the teacher and the projector by PCA (pcaw: "
         "whitened) of the fit")})
-    queue_size: int = 4096
+    queue_size: int = dataclasses.field(default=4096, metadata={"flag": "head queue size", "min": 1})
     rsd_temp: float = 0.04
     rsd_positive: bool = False  # the current teacher feature as the first RSD column
     moco_temp: float = 0.07
@@ -71,25 +71,17 @@ class HeadConfig:
     hn_weight: float = dataclasses.field(default=1.0, metadata={"flag": "--head-hn-weight", "help": (
         "head-stage hard-negative weight (the paper's 5 collapsed the heads on mixed clip art + photos; see "
         "docs/reports/distill.md)")})
-    hn_ramp: float = 0.5  # fraction of the steps over which the hard-negative weight ramps up from 0
+    hn_ramp: float = dataclasses.field(default=0.5, metadata={  # of the steps: the hard-negative weight ramps from 0
+        "flag": "head-stage hard-negative ramp", "check": "fraction"})
     feature_weight: float = 1.0
     rsd_weight: float = 1.0
     moco_weight: float = 1.0
     seed: int = 0
 
     def validate(self) -> None:
-        if self.mode not in MODES:
-            raise RdcdError(f"unknown head mode {self.mode!r}: use one of {', '.join(MODES)}")
-        if self.init not in INITS:
-            raise RdcdError(f"unknown head init {self.init!r}: use one of {', '.join(INITS)}")
-        for flag, value, low in (("--head-steps", self.steps, 0), ("--head-batch-size", self.batch_size, 2),
-                                 ("head queue size", self.queue_size, 1)):
-            if value < low:
-                raise RdcdError(f"{flag} must be at least {low}, got {value}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise RdcdError(f"--head-lr must be a positive number, got {self.lr}")
-        if not 0 <= self.hn_ramp <= 1:
-            raise RdcdError(f"head-stage hard-negative ramp must be in [0, 1], got {self.hn_ramp}")
+        from rdcd.distill.fields import check_fields
+
+        check_fields(self)
 
 
 def hn_weight_at(step: int, total: int, weight: float, ramp: float) -> float:

@@ -164,7 +164,8 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self) -> None:
         if self.ctx.is_main:
-            checkpoint.write_checkpoint(self.out / CHECKPOINT, checkpoint.trainer_state(self), self.step)
+            checkpoint.write_checkpoint(self.out / CHECKPOINT, checkpoint.trainer_state(self), self.step,
+                                        self.saved_step)
         self.saved_step = self.step
         self.ctx.barrier()
 
@@ -341,8 +342,8 @@ class Trainer:
 
     def _diverged(self, step: int, vals, names, what: str = "loss"):
         ckpt = self.out / CHECKPOINT
-        kept = f"last good checkpoint kept: {ckpt} (step {checkpoint.checkpoint_step(self.out)})" if ckpt.exists() else \
-            "no checkpoint had been written yet"
+        kept = f"last good checkpoint kept: {ckpt} (step {self.saved_step})" \
+            if ckpt.exists() and self.saved_step is not None else "no checkpoint had been written yet"
         parts = ", ".join(f"{n} {float(v):.4g}" for n, v in zip(names, vals[1:]))
         raise TrainingDiverged(f"non-finite {what} at step {step} (loss {float(vals[0]):.4g}; {parts}); training "
                                f"stopped, {kept}; lower --lr/--base-lr or enable --clip-grad")

@@ -26,14 +26,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rdcd import cli as rdcd_cli
+from rdcd.artifact import Artifact, Input, Output, ProducedBy, artifact_name, layout_path
 from rdcd.errors import RdcdError
 from rdcd.export import parity as P
 from rdcd.export.tensorrt import DEFAULT_BATCH
-from rdcd.manifest import TARGETS, Manifest, io_spec
+from rdcd.manifest import TARGETS, Manifest
+from rdcd.targets import REGISTRY
 
 log = logging.getLogger(__name__)
 
-ONNX_NAME = "model.onnx"
+ONNX_NAME = layout_path("onnx", "fp32")
 STATUS_ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
 STATUS_TEXT = {"ok": "exported+checked", "not_checkable": "exported, not checkable here", "failed": "failed"}
 CHECK_THREADS = 2
@@ -77,13 +79,13 @@ def _open_manifest(out: Path, source) -> Manifest:
         manifest = Manifest.load_or_new(out)
     except RdcdError as exc:
         raise RdcdError(f"{exc} (remove it or choose another --out)") from None
-    old = manifest.data.get("source", {}).get("sha256")
+    old = manifest.source.sha256
     if manifest.artifacts and old != source.sha256:
         log.warning("%s described another model (sha256 %s): starting a new manifest", out, (old or "?")[:12])
         manifest = Manifest(out)
-    manifest.data["source"] = source.manifest_source()
-    manifest.data["preprocess"] = source.spec.to_dict()
-    manifest.data.setdefault("notes", {})["parity"] = (
+    manifest.source = source.manifest_source()
+    manifest.preprocess = source.spec.to_dict()
+    manifest.notes["parity"] = (
         f"cosine similarity of descriptors vs the PyTorch model on real photos; FP32/FP16 must reach {P.THRESHOLD}")
     return manifest
 
@@ -97,46 +99,49 @@ class Exporter:
         self.notes: list[str] = []
         self.onnx_ok = False
         self.exit_code = 0
-        self._t0 = time.perf_counter()
+        self.begin()
 
     # ---------------------------------------------------------------- helpers
-    def artifact(self, name: str, target: str, precision: str, path: str, runtime: str, batch: Any = "batch",
-                 **fields) -> dict:
-        inp, out = io_spec(self.spec.size, self.dim, batch=batch)
-        art = {"name": name, "target": target, "precision": precision, "path": path, "runtime": runtime,
-               "input": inp, "output": out, "status": "ok"}
-        art.update(fields)
-        return art
+    def begin(self) -> None:
+        """Start the clock of the next row's ``seconds``: before each target, and after each :meth:`record`."""
+        self._t0 = time.perf_counter()
 
-    def produced_by(self, tool: str, versions: dict, options: dict | None = None, command: str | None = None) -> dict:
-        return {"tool": tool, "versions": versions, "options": options or {}, "command": command or self.opts.command}
+    def artifact(self, target: str, precision: str, produced_by: ProducedBy, batch: Any = "batch",
+                 name: str | None = None, path: str | None = None, **fields) -> Artifact:
+        """A row of ``target`` at ``precision``: its name and path from the layout unless given, status ok."""
+        return Artifact(name or artifact_name(target, precision), target, precision,
+                        path or layout_path(target, precision), REGISTRY[target].runtime, Input.of(target, self.spec.size, batch),
+                        Output(dim=self.dim), produced_by, **fields)
 
-    def record(self, art: dict) -> dict:
-        for key in ("sha256", "size_bytes", "content_sha256"):
-            art.pop(key, None)
-        if "produced_by" not in art:
-            art["produced_by"] = self.produced_by("rdcd-export", {})
-        art["seconds"] = round(time.perf_counter() - self._t0, 1)  # export + checks, wall time
+    def failed_art(self, target: str, precision: str, produced_by: ProducedBy, exc: BaseException,
+                   **fields) -> Artifact:
+        return self.artifact(target, precision, produced_by, **fields).mark("failed", _one_line(exc))
+
+    def produced_by(self, tool: str, versions: dict, options: dict | None = None,
+                    command: str | None = None) -> ProducedBy:
+        return ProducedBy(tool, versions, options or {}, command or self.opts.command)
+
+    def record(self, art: Artifact) -> Artifact:
+        """Save ``art`` (its hashes and sizes from the files, its ``seconds`` since :meth:`begin`) and start the
+        next row's clock."""
+        art.clear_files()
+        art.seconds = round(time.perf_counter() - self._t0, 1)  # export + checks, wall time
         self.manifest.upsert(art)
         self.manifest.save()
-        if art["name"] not in self.names:
-            self.names.append(art["name"])
-        if art["status"] == "failed":
+        if art.name not in self.names:
+            self.names.append(art.name)
+        if art.status == "failed":
             self.failed = True
-        icon = STATUS_ICON[art["status"]]
-        par = art.get("parity")
+        par = art.parity
         extra = f" min cos {par['min_cos']:.6f}" if par else ""
-        log.info("%s %s%s%s", icon, art["name"], extra, f" ({art['reason']})" if art.get("reason") else "")
+        log.info("%s %s%s%s", STATUS_ICON[art.status], art.name, extra, f" ({art.reason})" if art.reason else "")
+        self.begin()
         return art
 
-    def failed_art(self, name, target, precision, path, runtime, exc, **fields) -> dict:
-        return self.artifact(name, target, precision, path, runtime, status="failed", reason=_one_line(exc), **fields)
-
-    def gate(self, art: dict, record: dict) -> None:
-        art["parity"] = record
-        if not P.passes(record, art["precision"]):
-            art["status"] = "failed"
-            art["reason"] = f"parity min cosine {record['min_cos']:.6f} < {P.THRESHOLD}"
+    def gate(self, art: Artifact, record: dict) -> None:
+        art.parity = record
+        if not P.passes(record, art.precision):
+            art.mark("failed", f"parity min cosine {record['min_cos']:.6f} < {P.THRESHOLD}")
 
     def run_parity(self, runner, name: str) -> dict:
         out = runner(self.images)
@@ -154,31 +159,34 @@ class Exporter:
         except OSError as exc:
             raise RdcdError(f"cannot create --out {self.out}: {exc.strerror or exc}") from None
         self.manifest = _open_manifest(self.out, self.source)
-        self.manifest.data["notes"]["parity_images"] = self.image_names
+        self.manifest.notes["parity_images"] = self.image_names
         if "tensorrt" in self.targets:  # the engines' batch profile, which rdcd-quantize's INT8 engine reuses
-            self.manifest.data["tensorrt"] = {"batch": self.opts.batch}
+            self.manifest.tensorrt = {"batch": self.opts.batch}
         self.manifest.save()
         if self.source.reference_only:
             from rdcd.export.targets import reference_teacher
 
+            self.begin()
             reference_teacher(self)
         else:
             from rdcd.model import TorchEmbedder
 
             self.reference = TorchEmbedder(self.source.net)(self.images)
-            from rdcd.export.targets import TARGET_EXPORTS, int8_stage
+            from rdcd.export.targets import int8_stage
 
             targets = set(self.targets)
             if targets & {"openvino", "tensorrt"}:
                 targets.add("onnx")  # converted from (OpenVINO) or built from (TensorRT) the ONNX model
-            for target, export_target in TARGET_EXPORTS.items():
-                if target == "tensorrt" and self.opts.int8:  # once, before TensorRT: its script gets INT8 lines
+            for target in REGISTRY.values():  # in TARGETS order: ONNX first
+                if target.name == "tensorrt" and self.opts.int8:  # once, before TensorRT: its script gets INT8 lines
                     int8_stage(self)
-                if target in targets:
-                    export_target(self)
+                if target.name in targets:
+                    self.begin()
+                    target.function("export")(self)
         self.manifest.save()
         code = max(self.exit_code, 1 if self.failed else 0)
         return Result(self.manifest, self.names, code, time.perf_counter() - t0, self.notes)
+
 
 
 def export(model, targets: Sequence[str] | None = None, out: str | os.PathLike | None = None,

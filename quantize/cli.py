@@ -19,7 +19,7 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed
-from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS
+from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Accuracy, Artifact
 
 LIBRARY_LOG = "quantize-libraries.log"
 
@@ -100,26 +100,22 @@ def _main(argv: Sequence[str] | None = None) -> int:
     arts = quantize(a.exports, a.calib_dir, targets=targets, recipe=recipe, accuracy=accuracy, checkpoint=a.checkpoint,
                     threads=a.threads, codes=not a.no_codes, latency_iters=a.latency, command=command,
                     raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
-    print_summary(arts, a.exports, a.max_drop)
-    calib = next((x["calibration"] for x in arts if isinstance(x.get("calibration"), dict)), None)
-    if calib:
-        print(f"calibration: {calib['images']} images, {calib.get('skipped', 0)} skipped "
-              f"({calib.get('skipped_unreadable', 0)} unreadable, {calib.get('skipped_bad_names', 0)} non-UTF-8 names)")
+    print_summary(arts, a.exports, a.max_drop)  # the calibration summary is logged once by quantize()
     if library_log is not None:
         print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
-    failed = [x for x in arts if x.get("accuracy") and x["accuracy"]["drop"] > x["accuracy"].get("max_drop", a.max_drop)]
+    failed = [x for x in arts if x.accuracy is not None and x.accuracy.over(a.max_drop)]
     if failed:
         raise GateFailed(f"µAP drop above --max-drop {a.max_drop} ({a.drop_type}) after fallback: "
-                         + ", ".join(f"{x['name']} {x['accuracy']['drop']:+.4f}" for x in failed))
+                         + ", ".join(f"{x.name} {x.accuracy.drop:+.4f}" for x in failed))
     return 0
 
 
-def _drop_text(acc: dict) -> str:
-    ci = acc.get("drop_ci95")
-    return f"{acc['drop']:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
+def _drop_text(acc: Accuracy) -> str:
+    ci = acc.drop_ci95
+    return f"{acc.drop:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
 
 
-def print_summary(arts: list[dict], export_dir, max_drop: float) -> None:
+def print_summary(arts: list[Artifact], export_dir, max_drop: float) -> None:
     import json
 
     from rich.console import Console
@@ -129,13 +125,13 @@ def print_summary(arts: list[dict], export_dir, max_drop: float) -> None:
     for col in ("artifact", "path", "µAP FP32", "µAP INT8", "drop [95% CI]", "measured with", "float layers", "status"):
         t.add_column(col)
     for x in arts:
-        acc = x.get("accuracy") or {}
-        ok = not acc or acc["drop"] <= acc.get("max_drop", max_drop)
-        mark = ("✅" if x["status"] == "ok" else "❎") if ok else "❌"
-        t.add_row(x["name"], x["path"], f"{acc['fp32_micro_ap']:.4f}" if acc else "-",
-                  f"{acc['micro_ap']:.4f}" if acc else "-", _drop_text(acc) if acc else "-",
-                  (acc.get("runtime", "")[:40] + (" (sim)" if acc.get("simulated") else "")) if acc else "not measured",
-                  str(len(x.get("fallback_layers", []))), f"{mark} {x['status']}")
+        acc = x.accuracy
+        ok = acc is None or not acc.over(max_drop)
+        mark = ("✅" if x.status == "ok" else "❎") if ok else "❌"
+        t.add_row(x.name, x.path, f"{acc.fp32_micro_ap:.4f}" if acc else "-",
+                  f"{acc.micro_ap:.4f}" if acc else "-", _drop_text(acc) if acc else "-",
+                  ((acc.runtime or "")[:40] + (" (sim)" if acc.simulated else "")) if acc else "not measured",
+                  str(len(x.fallback_layers or [])), f"{mark} {x.status}")
     console = Console(width=160)
     console.print(t)
     report = Path(export_dir) / "quantize_report.json"

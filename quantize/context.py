@@ -1,15 +1,18 @@
 """What the INT8 targets of :func:`rdcd.quantize.quantize` share: the export, its preprocessing, the
 calibration images, the benchmark and µAP budget, the ONNX quantizer and the per-layer sensitivity ranking
-(:class:`Context`), and the manifest-row helpers every target uses. No torch here."""
+(:class:`Context`), the manifest-row helpers every target uses and the removal of files an older layout left.
+No torch here."""
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 from pathlib import Path
 
 from rdcd import __version__
 from rdcd.errors import RdcdError
-from rdcd.manifest import MAX_DROP, Manifest, package_versions
+from rdcd.manifest import MAX_DROP, Artifact, Input, Manifest, ProducedBy, package_versions
 from rdcd.quantize.accuracy import check_unit_norm
 
 log = logging.getLogger("rdcd.quantize.api")
@@ -23,20 +26,34 @@ SENSITIVITY_IMAGES = 16
 TRT_PREDICTION = "onnxruntime (QDQ reference semantics, graph optimisations off): the TensorRT INT8 prediction"
 
 
-def fp_artifact(manifest: Manifest, target: str, precisions=("fp32",)) -> dict | None:
-    for prec in precisions:
-        for art in manifest.artifacts:
-            if art["target"] == target and art["precision"] == prec and art.get("status") != "failed" \
-                    and manifest.resolve(art).exists():
-                return art
-    return None
+#: target -> what older versions wrote where :data:`rdcd.artifact.LAYOUT` now puts that target's INT8 artifacts
+OLD_LAYOUT = {"openvino": ("openvino-int8",),
+              "coreml": ("model.w8a8.mlpackage", "model.w8.mlpackage", "model.w8a8.simulation")}
+
+
+def remove_old_layout(manifest: Manifest, target: str) -> list[str]:
+    """Remove the files of ``target`` that an older version wrote at its old paths (re-quantizing replaced them),
+    unless a row of ``manifest`` still names one; returns what was removed."""
+    named = {manifest.resolve(a).resolve() for a in manifest.artifacts}
+    removed = []
+    for rel in OLD_LAYOUT.get(target, ()):
+        p = manifest.dir / rel
+        if p.exists() and not any(n == p.resolve() or p.resolve() in n.parents for n in named):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            removed.append(rel)
+    if removed:
+        log.info("removed %s (the layout of older versions)", ", ".join(removed))
+    return removed
 
 
 class Context:
     """One :func:`rdcd.quantize.quantize` run, as the targets see it."""
 
     def __init__(self, manifest: Manifest, spec, bench, calib, accuracy, recipe, threads: int, command: str | None,
-                 onnx_art: dict, fp32_onnx: Path, student=None, checkpoint: Path | None = None):
+                 onnx_art: Artifact, fp32_onnx: Path, student=None, checkpoint: Path | None = None):
         self.manifest, self.spec, self.bench, self.calib = manifest, spec, bench, calib
         self.recipe, self.threads, self.command = recipe, threads, command
         self.onnx_art, self.fp32_onnx, self.student, self.checkpoint = onnx_art, fp32_onnx, student, checkpoint
@@ -86,17 +103,16 @@ class Context:
         iv = paired_drop_interval(self.predictions[reference_key], self.predictions[key], b.gt_pairs, b.queries.ids)
         return {"drop_ci95": [round(iv.low, 6), round(iv.high, 6)]}
 
-    def produced_by(self, tool: str, options: dict) -> dict:
-        return {"tool": tool, "versions": {"rdcd": __version__, **package_versions(*PRODUCED_WITH)}, "options": options,
-                "command": self.command or "rdcd.quantize.quantize"}
+    def produced_by(self, tool: str, options: dict) -> ProducedBy:
+        return ProducedBy(tool, {"rdcd": __version__, **package_versions(*PRODUCED_WITH)}, options,
+                          self.command or "rdcd.quantize.quantize")
 
-    def base(self, name, target, precision, path, runtime, reference, status="ok", reason=None) -> dict:
-        art = {"name": name, "target": target, "precision": precision, "path": path, "runtime": runtime,
-               "input": dict(self.onnx_art["input"]), "output": dict(self.onnx_art["output"]),
-               "reference": reference, "status": status, "calibration": self.calib.describe()}
-        if reason:
-            art["reason"] = reason
-        return art
+    def base(self, name, target, precision, path, runtime, reference, status="ok", reason=None) -> Artifact:
+        """A quantized row taking the ONNX model's input size (as ``target`` takes inputs), with its output and the
+        calibration it used."""
+        return Artifact(name, target, precision, path, runtime, Input.of(target, self.onnx_art.input.side or self.spec.size),
+                        copy.deepcopy(self.onnx_art.output), reference=reference, status=status, reason=reason,
+                        calibration=self.calib.describe())
 
     def rank(self, recipe, step0_path: Path | None = None) -> list[str]:
         """Layers worst first, by local SQNR of an ONNX Runtime QDQ model (computed once, shared by targets)."""

@@ -9,10 +9,11 @@ from __future__ import annotations
 import logging
 import shutil
 
+from rdcd.artifact import layout_path
 from rdcd.errors import MissingDependency, RuntimeUnavailable
 from rdcd.fsutil import atomic_path
 from rdcd.quantize.accuracy import accuracy_block
-from rdcd.quantize.context import SENSITIVITY_IMAGES, TRT_PREDICTION, Context, fp_artifact, r6
+from rdcd.quantize.context import SENSITIVITY_IMAGES, TRT_PREDICTION, Context, r6
 
 log = logging.getLogger("rdcd.quantize.api")
 
@@ -65,21 +66,21 @@ def onnx_int8(ctx: Context):
     res = fallback_loop(build, lambda p: ctx.uap(OnnxRuntimeRunner(p, ctx.threads), key=p), ranking, ctx.fp32_uap or 0.0,
                         ctx.max_drop, ctx.max_steps, enabled=ctx.fallback, label="onnx-int8")
     unit_norm = ctx.unit_norm(OnnxRuntimeRunner(res.chosen.path, ctx.threads), "onnx-int8")  # before replacing the file
-    out = ctx.manifest.dir / "model.int8.onnx"
+    rel = layout_path("onnx", "int8")
+    out = ctx.manifest.dir / rel
     with atomic_path(out) as tmp:
         shutil.copyfile(res.chosen.path, tmp)
-    fp32_name = ctx.onnx_art["name"]
-    art = ctx.base("onnx-int8", "onnx", "int8", out.name, "onnxruntime", fp32_name)
-    art["produced_by"] = ctx.produced_by(f"{'onnxruntime.quantization' if recipe.engine == 'ort' else 'nncf'} static PTQ (QDQ)",
-                                         {**recipe.to_dict(), "format": "QDQ", "candidates": candidates,
-                                          "float_nodes": q.float_nodes})
-    art["qdq"] = check_qdq(out)
-    art["checks"] = {"unit_norm": unit_norm}
+    art = ctx.base("onnx-int8", "onnx", "int8", rel, "onnxruntime", ctx.onnx_art.name)
+    art.produced_by = ctx.produced_by(f"{'onnxruntime.quantization' if recipe.engine == 'ort' else 'nncf'} static PTQ (QDQ)",
+                                      {**recipe.to_dict(), "format": "QDQ", "candidates": candidates,
+                                       "float_nodes": q.float_nodes})
+    art.qdq = check_qdq(out)
+    art.checks = {"unit_norm": unit_norm}
     if ctx.bench is not None:
-        art["accuracy"] = accuracy_block(ctx.bench, ctx.fp32_uap, res.chosen.micro_ap, "onnxruntime", False,
-                                         threads=ctx.threads, **ctx.interval("onnx-fp32", res.chosen.path))
+        art.accuracy = accuracy_block(ctx.bench, ctx.fp32_uap, res.chosen.micro_ap, "onnxruntime", False,
+                                      threads=ctx.threads, **ctx.interval("onnx-fp32", res.chosen.path))
     if res.chosen.excluded:
-        art["fallback_layers"] = list(res.chosen.excluded)
+        art.fallback_layers = list(res.chosen.excluded)
     return art, {"candidates": candidates, "recipe": recipe.to_dict(), "fallback": res.report()}
 
 
@@ -110,49 +111,49 @@ def tensorrt_int8(ctx: Context):
         log.warning("removing %s: it was built from the QDQ model just replaced", engine)
         engine.unlink()
     (tdir / "build_engine_int8.sh").unlink(missing_ok=True)  # older versions' second script: one builder now
-    label = (ctx.manifest.data.get("source") or {}).get("label") or "this model"
-    T.write_script(tdir, label, size, batch, int(ctx.onnx_art["output"]["dim"]), int8=True,
+    label = ctx.manifest.source.label or "this model"
+    T.write_script(tdir, label, size, batch, int(ctx.onnx_art.output.dim), int8=True,
                    fp16=(tdir / T.ONNX).is_file() and (tdir / T.ONNX_FP16).is_file())
     options, cmd = T.build_options("int8", size, batch)
-    art = ctx.base("tensorrt-int8", "tensorrt", "int8", f"{T.DIRNAME}/{T.ENGINES['int8']}", "tensorrt",
-                   ctx.onnx_art["name"])
-    art["input"]["shape"] = [f"1..{batch}", size, size, 3]
-    art["produced_by"] = ctx.produced_by("onnxruntime.quantization static PTQ (QDQ, TensorRT explicit quantization)",
-                                         {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,
-                                          "calibration_cache": None})
-    art.update(qdq_source=f"{T.DIRNAME}/{T.ONNX_INT8}", qdq_sha256=sha256(qdq), qdq=check_qdq(qdq), command=cmd,
-               checks={"unit_norm": ctx.unit_norm(OnnxRuntimeRunner(qdq, ctx.threads, reference=True),
-                                                  "tensorrt-int8 (QDQ reference)")},
-               engine_built=False)
-    trt_ref = fp_artifact(ctx.manifest, "tensorrt", ("fp32", "fp16"))
+    art = ctx.base("tensorrt-int8", "tensorrt", "int8", layout_path("tensorrt", "int8"), "tensorrt",
+                   ctx.onnx_art.name)
+    art.input.shape = [f"1..{batch}", size, size, 3]
+    art.produced_by = ctx.produced_by("onnxruntime.quantization static PTQ (QDQ, TensorRT explicit quantization)",
+                                      {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,
+                                       "calibration_cache": None})
+    art.qdq_source, art.qdq_sha256, art.qdq, art.command = f"{T.DIRNAME}/{T.ONNX_INT8}", sha256(qdq), check_qdq(qdq), cmd
+    art.checks = {"unit_norm": ctx.unit_norm(OnnxRuntimeRunner(qdq, ctx.threads, reference=True),
+                                             "tensorrt-int8 (QDQ reference)")}
+    art.engine_built = False
+    trt_ref = ctx.manifest.find("tensorrt", ("fp32", "fp16"))
     if trt_ref is not None:
-        art["tensorrt_reference"] = trt_ref["name"]
+        art.tensorrt_reference = trt_ref.name
     uap, runtime, simulated, key = res.chosen.micro_ap, TRT_PREDICTION, True, res.chosen.path
     ok, why = T.availability()
     if not ok:
-        art.update(status="not_checkable", reason=f"{T.NOT_BUILT} ({why}); build it on the device with "
-                                                  f"{T.DIRNAME}/{T.SCRIPT} (from {art['qdq_source']})")
+        art.mark("not_checkable", f"{T.NOT_BUILT} ({why}); build it on the device with "
+                                  f"{T.DIRNAME}/{T.SCRIPT} (from {art.qdq_source})")
     else:  # pragma: no cover - needs TensorRT and an NVIDIA GPU: never executed in this workplace
         try:
             from rdcd.export.parity import parity
             from rdcd.validate.runtimes import TensorRTRunner
 
-            art["build"] = T.build(tdir, "int8", size, batch)
-            art["engine_built"] = True
+            art.build = T.build(tdir, "int8", size, batch)
+            art.engine_built = True
             runner, images = TensorRTRunner(engine), ctx.calib.images[:SENSITIVITY_IMAGES]
-            art["parity"] = parity(OnnxRuntimeRunner(qdq, ctx.threads, reference=True)(images), runner(images),
-                                   "onnxruntime QDQ reference", f"tensorrt {runner.version}")
+            art.parity = parity(OnnxRuntimeRunner(qdq, ctx.threads, reference=True)(images), runner(images),
+                                "onnxruntime QDQ reference", f"tensorrt {runner.version}")
             if ctx.bench is not None:
                 uap, runtime, simulated, key = ctx.uap(runner, key="tensorrt"), f"tensorrt {runner.version}", False, "tensorrt"
         except (MissingDependency, RuntimeUnavailable) as exc:
-            art.update(status="not_checkable", reason=f"engine built, not run here: {str(exc).splitlines()[0]}")
+            art.mark("not_checkable", f"engine built, not run here: {str(exc).splitlines()[0]}")
         except Exception as exc:
-            art.update(status="failed", reason=f"TensorRT INT8 engine: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            art.mark("failed", f"TensorRT INT8 engine: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     if ctx.bench is not None:
-        art["accuracy"] = accuracy_block(
+        art.accuracy = accuracy_block(
             ctx.bench, ctx.fp32_uap, uap, runtime, simulated, prediction_micro_ap=round(res.chosen.micro_ap, 6),
             note="TensorRT builds its INT8 engine from the QDQ model (qdq_source); the prediction is its µAP in "
                  "ONNX Runtime on CPU", **ctx.interval("onnx-fp32", key))
     if res.chosen.excluded:
-        art["fallback_layers"] = list(res.chosen.excluded)
+        art.fallback_layers = list(res.chosen.excluded)
     return art, {"recipe": recipe.to_dict(), "fallback": res.report(), "command": cmd, "batch": batch}

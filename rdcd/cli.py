@@ -176,9 +176,9 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        print(f"{prog}: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+        exc = exc if isinstance(exc, Interrupted) else Interrupted(signal.SIGINT)  # Ctrl-C
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except MemoryError:
         print(f"{prog}: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
         return 2

@@ -1,4 +1,5 @@
-"""``manifest.json``: the description of every artifact in an export directory. No torch here.
+"""``manifest.json``: the description of every artifact in an export directory, read and written only through
+:class:`Manifest` (typed rows: :class:`rdcd.artifact.Artifact`). No torch here.
 
 Schema (version 1)::
 
@@ -41,6 +42,10 @@ Schema (version 1)::
       "notes": {"parity": "...", "parity_images": ["astronaut.png", ...]}   # optional
     }
 
+Paths follow :data:`rdcd.artifact.LAYOUT` (ONNX at the top, every other target in its folder as
+``model-<precision>.<ext>``); manifests written before INT8 artifacts moved there (``openvino-int8/model.xml``,
+``model.w8a8.mlpackage``) load unchanged, their rows carrying their own paths.
+
 ``status`` "not_checkable" also covers artifacts that could not be *built* here (a TensorRT engine
 without a GPU: ``path`` names the engine ``tensorrt/build_engine.sh`` writes, the file is absent,
 ``reason`` says why; the gate runs the engine once it exists). A row never says "ok" for a file that
@@ -53,18 +58,22 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from rdcd import __version__
+from rdcd.artifact import (COREML_SIMULATION, LAYOUT, PRECISIONS, QUANTIZED, STATUSES, TARGETS, Accuracy, Artifact, Input,
+                           Output, ProducedBy, _Row, artifact_name, layout_path)
 from rdcd.errors import RdcdError
 from rdcd.fsutil import write_json
 
+__all__ = ["MANIFEST", "TARGETS", "PRECISIONS", "QUANTIZED", "STATUSES", "LAYOUT", "COREML_SIMULATION", "MAX_DROP", "DROP_TYPES",
+           "Accuracy", "Artifact", "Input", "Output", "ProducedBy", "Source", "Manifest", "artifact_name",
+           "layout_path", "now", "package_versions", "validate"]
+
 MANIFEST = "manifest.json"
-#: in export order: ONNX first (the other targets are converted from it or checked against it)
-TARGETS = ("onnx", "coreml", "openvino", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8", "w8a8", "w8")
-STATUSES = ("ok", "not_checkable", "failed")
+SCHEMA = 1
 #: The µAP an INT8 artifact may lose against its FP32 reference by default: one budget for rdcd-quantize's
 #: float fallback, the gate and the demo.
 MAX_DROP = 0.005
@@ -90,11 +99,24 @@ def package_versions(*names: str) -> dict[str, str]:
     return out
 
 
-def io_spec(size: int, dim: int, input_name: str = "image", output_name: str = "descriptor",
-            batch: int | str = "batch") -> tuple[dict, dict]:
-    return ({"name": input_name, "layout": "NHWC", "dtype": "uint8", "size": [size, size],
-             "shape": [batch, size, size, 3]},
-            {"name": output_name, "dim": dim})
+@dataclass
+class Source(_Row):
+    """The model an export directory was made from."""
+
+    kind: str = "student"  # "student" | "teacher"
+    label: str | None = None
+    checkpoint: str | None = None  # the training run (students)
+    sha256: str | None = None  # of its weights
+    path: str | None = None
+    backbone: str | None = None
+    dim: int | None = None
+    model: dict | None = None  # the student config (+ "whitening" when rdcd-export --whiten-on folded one in)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def whitening(self) -> dict | None:
+        w = (self.model or {}).get("whitening")
+        return w if isinstance(w, dict) else None
 
 
 def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
@@ -102,7 +124,7 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
 
     Raises :class:`RdcdError` naming the file and the first problem: not an object, ``artifacts``
     not a list, an entry that is not an object, a missing or mistyped field, an unknown target,
-    precision or status, a duplicate name, a ``reference`` to no artifact.
+    precision or status, a duplicate name, a ``reference`` to no artifact, an ``accuracy`` without numbers.
     """
     def bad(msg: str):
         raise RdcdError(f"malformed {where}: {msg}")
@@ -112,7 +134,7 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
     arts = data.get("artifacts")
     if not isinstance(arts, list):
         bad("no 'artifacts' list")
-    for key in ("source", "preprocess"):
+    for key in ("source", "preprocess", "tensorrt", "notes"):
         if key in data and not isinstance(data[key], dict):
             bad(f"'{key}' must be an object")
     names: set[str] = set()
@@ -133,8 +155,9 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
                 bad(f"artifact {name!r} has {key} {art[key]!r} (expected one of {', '.join(allowed)})")
         if not isinstance(art["path"], str) or not art["path"].strip():
             bad(f"artifact {name!r}: 'path' must be a non-empty string, found {json.dumps(art['path'])}")
-        if not isinstance(art["input"], dict) or not isinstance(art["output"], dict):
-            bad(f"artifact {name!r}: input/output must be objects")
+        for key in ("input", "output", "produced_by"):
+            if not isinstance(art[key], dict):
+                bad(f"artifact {name!r}: {key} must be an object")
         size = art["input"].get("size")
         if size is not None and not (_positive_int(size) or (isinstance(size, list) and len(size) == 2
                                                              and all(_positive_int(v) for v in size))):
@@ -142,6 +165,11 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
         dim = art["output"].get("dim")
         if dim is not None and not _positive_int(dim):
             bad(f"artifact {name!r}: output dim must be a positive integer, found {json.dumps(dim)}")
+        acc = art.get("accuracy")
+        if acc is not None and not (isinstance(acc, dict) and all(
+                isinstance(acc.get(k), (int, float)) and not isinstance(acc.get(k), bool)
+                for k in ("fp32_micro_ap", "micro_ap", "drop"))):
+            bad(f"artifact {name!r}: accuracy must be an object with numbers fp32_micro_ap, micro_ap and drop")
     for art in arts:
         ref = art.get("reference")
         if ref is not None and ref not in names:
@@ -153,18 +181,43 @@ def _positive_int(v: Any) -> bool:
 
 
 class Manifest:
-    def __init__(self, directory: str | os.PathLike, data: dict[str, Any] | None = None):
+    """An export directory's ``manifest.json``: its :class:`Source`, preprocessing and typed :class:`Artifact` rows."""
+
+    def __init__(self, directory: str | os.PathLike):
         self.dir = Path(directory)
-        self.data = data or {"schema": 1, "rdcd_version": __version__, "created": now(), "source": {},
-                             "preprocess": {}, "artifacts": []}
+        self.schema, self.rdcd_version, self.created = SCHEMA, __version__, now()
+        self.updated: str | None = None
+        self.source = Source()
+        self.preprocess: dict[str, Any] = {}
+        self.tensorrt: dict[str, Any] | None = None  # {"batch": B}: the engines' profile 1..B
+        self.notes: dict[str, Any] = {}
+        self.artifacts: list[Artifact] = []
+        self.extra: dict[str, Any] = {}
 
     @property
     def path(self) -> Path:
         return self.dir / MANIFEST
 
-    @property
-    def artifacts(self) -> list[dict[str, Any]]:
-        return self.data["artifacts"]
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, directory: str | os.PathLike, data: dict[str, Any], where: object = MANIFEST) -> "Manifest":
+        validate(data, where)
+        m = cls(directory)
+        known = {"schema", "rdcd_version", "created", "updated", "source", "preprocess", "tensorrt", "notes",
+                 "artifacts"}
+        try:
+            m.schema = data.get("schema", SCHEMA)
+            m.rdcd_version = data.get("rdcd_version", "?")
+            m.created, m.updated = data.get("created", ""), data.get("updated")
+            m.source = Source.from_dict(data.get("source") or {})
+            m.preprocess = dict(data.get("preprocess") or {})
+            m.tensorrt = data.get("tensorrt")
+            m.notes = dict(data.get("notes") or {})
+            m.artifacts = [Artifact.from_dict(a) for a in data["artifacts"]]
+        except (TypeError, ValueError) as exc:  # a field of the wrong shape the structural check does not cover
+            raise RdcdError(f"malformed {where}: {str(exc).splitlines()[0]}") from None
+        m.extra = {k: v for k, v in data.items() if k not in known}
+        return m
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":
@@ -178,39 +231,127 @@ class Manifest:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RdcdError(f"malformed {path}: {exc}") from None
-        validate(data, path)
-        return cls(directory, data)
+        except OSError as exc:
+            raise RdcdError(f"cannot read {path}: {exc.strerror or exc}") from None
+        return cls.from_dict(directory, data, path)
 
     @classmethod
     def load_or_new(cls, directory: str | os.PathLike) -> "Manifest":
         return cls.load(directory) if (Path(directory) / MANIFEST).exists() else cls(directory)
 
-    def get(self, name: str) -> dict[str, Any] | None:
-        return next((a for a in self.artifacts if a["name"] == name), None)
+    @classmethod
+    def beside(cls, model: str | os.PathLike) -> tuple["Manifest | None", list[Artifact]]:
+        """The export manifest beside ``model`` (or one folder up) and its rows naming that file (by path,
+        else by file name); ``(None, [])`` when there is none."""
+        model = Path(model)
+        for folder in (model.parent, model.parent.parent):
+            if (folder / MANIFEST).is_file():
+                m = cls.load(folder)
+                resolved = model.resolve()
+                by_path = [a for a in m.artifacts if m.resolve(a).resolve() == resolved]
+                return m, by_path or [a for a in m.artifacts if Path(a.path).name == model.name]
+        return None, []
 
-    def resolve(self, art: dict[str, Any]) -> Path:
-        return self.dir / art["path"]
+    # ------------------------------------------------------------------ queries
+    def __iter__(self) -> Iterator[Artifact]:
+        return iter(self.artifacts)
 
-    def upsert(self, art: dict[str, Any]) -> dict[str, Any]:
+    def get(self, name: str) -> Artifact | None:
+        return next((a for a in self.artifacts if a.name == name), None)
+
+    def resolve(self, art: Artifact) -> Path:
+        return self.dir / art.path
+
+    def usable(self, art: Artifact) -> bool:
+        """Not failed, and its file is here."""
+        return art.status != "failed" and self.resolve(art).exists()
+
+    def find(self, target: str, precisions: tuple[str, ...] = ("fp32",)) -> Artifact | None:
+        """The first usable ``target`` artifact, trying ``precisions`` in order (an FP32 reference: ``("fp32",)``)."""
+        for prec in precisions:
+            for art in self.artifacts:
+                if art.target == target and art.precision == prec and self.usable(art):
+                    return art
+        return None
+
+    def default_artifact(self) -> Artifact | None:
+        """What a search runs when no row is named: ``onnx-fp32``, else any FP32 onnxruntime row, else the first
+        row with status ok and its file."""
+        ok = [a for a in self.artifacts if a.status == "ok" and self.resolve(a).exists()]
+        return (next((a for a in ok if a.name == "onnx-fp32"), None)
+                or next((a for a in ok if a.precision == "fp32" and a.runtime == "onnxruntime"), None)
+                or (ok or [None])[0])
+
+    def input_size(self, art: Artifact | None = None) -> int | None:
+        """The one answer to "which input size does this artifact take": its ``input.size``, else the manifest's
+        ``preprocess.size``; None when neither says."""
+        size = art.input.side if art is not None else None
+        if not size and "size" in self.preprocess:
+            try:
+                size = int(self.preprocess["size"])
+            except (TypeError, ValueError):
+                raise RdcdError(f"malformed {self.path}: preprocess size {self.preprocess['size']!r}") from None
+        return size or None
+
+    def spec(self, art: Artifact | None = None):
+        """The :class:`~rdcd.preprocess.PreprocessSpec` of ``art`` (the manifest's preprocessing at the
+        artifact's input size); None when the manifest records neither."""
+        from rdcd.preprocess import PreprocessSpec
+
+        size = self.input_size(art)
+        if size is None:
+            return None
+        try:
+            if {"mean", "std"} <= set(self.preprocess):
+                return PreprocessSpec.from_dict({**self.preprocess, "size": size})
+            return PreprocessSpec(size=size, resize=self.preprocess.get("resize", "stretch-bilinear"))
+        except (TypeError, ValueError) as exc:
+            where = f" for {art.name}" if art is not None else ""
+            raise RdcdError(f"malformed {self.path}: bad preprocessing{where} ({exc})") from None
+
+    @property
+    def trt_batch(self) -> int | None:
+        b = (self.tensorrt or {}).get("batch")
+        return b if _positive_int(b) else None
+
+    # ------------------------------------------------------------------ writing
+    def upsert(self, art: Artifact) -> Artifact:
         """Add an artifact, replacing one of the same name; fills sha256 (of ``path``), size_bytes (of all its
         files) and, for several files (OpenVINO ``.xml`` + ``.bin``), content_sha256 when they exist."""
-        missing = [k for k in REQUIRED if k not in art]
-        if missing:
-            raise ValueError(f"artifact {art.get('name')} lacks {missing}")
-        if art["target"] not in TARGETS or art["precision"] not in PRECISIONS or art["status"] not in STATUSES:
-            raise ValueError(f"bad target/precision/status in {art}")
+        if not isinstance(art, Artifact):
+            raise TypeError(f"Manifest.upsert takes an Artifact, not {type(art).__name__}")
         from rdcd.fsutil import artifact_files, artifact_sha256, sha256, size_bytes
 
         p = self.resolve(art)
         if p.exists():
             files = artifact_files(p)
-            art.setdefault("sha256", sha256(p))
-            art.setdefault("size_bytes", sum(size_bytes(f) for f in files))
+            art.sha256 = art.sha256 or sha256(p)
+            art.size_bytes = art.size_bytes or sum(size_bytes(f) for f in files)
             if len(files) > 1:  # the weights are covered by content_sha256
-                art.setdefault("content_sha256", artifact_sha256(p))
-        self.data["artifacts"] = [a for a in self.artifacts if a["name"] != art["name"]] + [art]
+                art.content_sha256 = art.content_sha256 or artifact_sha256(p)
+        self.artifacts = [a for a in self.artifacts if a.name != art.name] + [art]
         return art
 
+    def to_dict(self) -> dict[str, Any]:
+        out = {"schema": self.schema, "rdcd_version": self.rdcd_version, "created": self.created,
+               "source": self.source.to_dict(), "preprocess": self.preprocess}
+        if self.tensorrt is not None:
+            out["tensorrt"] = self.tensorrt
+        out["artifacts"] = [a.to_dict() for a in self.artifacts]
+        if self.notes:
+            out["notes"] = self.notes
+        if self.updated:
+            out["updated"] = self.updated
+        return {**out, **self.extra}
+
     def save(self) -> Path:
-        self.data["updated"] = now()
-        return write_json(self.path, self.data)
+        self.updated = now()
+        data = self.to_dict()
+        validate(data, self.path)  # never write what load would refuse
+        return write_json(self.path, data)
+
+
+def replace(art: Artifact, **changes) -> Artifact:
+    """A copy of ``art`` with ``changes`` (its nested rows copied, not shared)."""
+    return Artifact.from_dict({**art.to_dict(), **{k: v.to_dict() if isinstance(v, _Row) else v
+                                                    for k, v in changes.items()}})

@@ -4,12 +4,14 @@
    (1,120 true pairs by default; scikit-image photos when the pool is absent);
 2. **baselines**: the offline SSCD teacher, its MobileNetV4 peer, PDQ and the untrained student on it;
 3. **distill**: a short RDCD run of the student from the offline teacher (``rdcd-distill``);
-4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (``rdcd-export``);
-5. **quantize**: INT8 for every target, calibrated on pool images outside the benchmark (``rdcd-quantize``);
-6. **validate**: the INT8 accuracy gate and latency table, with a report (``rdcd-validate``).
+4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (:func:`rdcd.export.export`);
+5. **quantize**: INT8 for every target, calibrated on pool images outside the benchmark
+   (:func:`rdcd.quantize.quantize`);
+6. **validate**: the INT8 accuracy gate and latency table, with a report (:func:`rdcd.validate.gate`).
 
-Each stage runs the same command a user would type (printed before it runs); a re-run reuses the
-benchmark and the teacher-feature cache. Exit status: that of the first stage that fails, else 0.
+Each stage prints the command a user would type for it, then runs it (distill through ``rdcd-distill``'s own
+entry point, the others through the library calls that the commands make); a re-run reuses the benchmark and
+the teacher-feature cache. Exit status: that of the first stage that fails, else 0.
 """
 
 from __future__ import annotations
@@ -74,11 +76,12 @@ def _sources_digest(bench_dir: Path) -> str:
     return hashlib.sha256("\n".join(sorted(used_sources(bench_dir))).encode()).hexdigest()
 
 
-def _stage(name: str, prog: str, entry: Callable[[Sequence[str]], int], argv: list[str], timings: dict) -> int:
+def _stage(name: str, prog: str, entry: Callable[[], int | None], argv: list[str], timings: dict) -> int:
+    """Run one stage (``entry``), announced as the command ``prog argv`` that does the same."""
     print(f"\n=== {name}: {prog} {shlex.join(argv)}", flush=True)
     t0 = time.time()
     try:
-        code = entry(argv)
+        code = entry()
     except SystemExit as exc:  # argparse inside a stage
         code = exc.code if isinstance(exc.code, int) else 2
     except RdcdError as exc:  # one line, like the stage's own command would print
@@ -204,20 +207,30 @@ def distill_stage(d: Demo) -> int:
             argv.append("--resume")
         else:
             write_text(run_dir / BENCH_DIGEST, trained_for + "\n")
-        code = _stage("distill", "rdcd-distill", distill, argv, d.timings)
+        code = _stage("distill", "rdcd-distill", lambda: distill(argv), argv, d.timings)
     d.summary["distill"] = _distill_summary(run_dir, d.summary.get("baselines"))
     return code
 
 
 def export_stage(d: Demo) -> int:
-    from rdcd.export.cli import _main as export
+    from rdcd.export import Options, export
+    from rdcd.export.cli import summary_table
+    from rdcd.manifest import TARGETS
 
-    return _stage("export", "rdcd-export", export,
-                  ["--checkpoint", str(d.run_dir), "--target", "all", "--out", str(d.export_dir)], d.timings)
+    argv = ["--checkpoint", str(d.run_dir), "--target", "all", "--out", str(d.export_dir)]
+
+    def run() -> int:
+        result = export(d.run_dir, TARGETS, d.export_dir, Options(command=f"rdcd-export {shlex.join(argv)}"))
+        summary_table(result)
+        return result.code
+
+    return _stage("export", "rdcd-export", run, argv, d.timings)
 
 
 def quantize_stage(d: Demo) -> int:
-    from rdcd.quantize.cli import _main as quantize
+    from rdcd.errors import GateFailed
+    from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
+    from rdcd.quantize.cli import print_summary
 
     calib_count = d.a.calib_count
     if not d.pool.is_dir():  # the scikit-image fallback has only a few dozen background images
@@ -225,22 +238,38 @@ def quantize_stage(d: Demo) -> int:
 
         calib_count = min(calib_count, len(list_images(d.train_dir)))
         log.warning("calibrating on the %d scikit-image background images (fewer than %d)", calib_count, d.a.calib_count)
-    code = _stage("quantize", "rdcd-quantize", quantize,
-                  ["--exports", str(d.export_dir), "--calib-dir", str(d.train_dir), "--calib-count", str(calib_count),
-                   "--benchmark", str(d.bench_dir), "--checkpoint", str(d.run_dir), "--max-drop", str(d.a.max_drop),
-                   "--latency", "200"], d.timings)
-    if code == 1:  # the quantize stage's own (stricter) target missed: the gate below decides
-        log.warning("rdcd-quantize: INT8 drop above %s after fallback; the gate decides", d.a.max_drop)
-        code = 0
-    return code
+    argv = ["--exports", str(d.export_dir), "--calib-dir", str(d.train_dir), "--calib-count", str(calib_count),
+            "--benchmark", str(d.bench_dir), "--checkpoint", str(d.run_dir), "--max-drop", str(d.a.max_drop),
+            "--latency", "200"]
+
+    def run() -> int:
+        try:
+            arts = quantize(d.export_dir, d.train_dir, recipe=QuantizeRecipe(calib_count=calib_count),
+                            accuracy=AccuracyControl(d.bench_dir, max_drop=d.a.max_drop), checkpoint=d.run_dir,
+                            latency_iters=200, command=f"rdcd-quantize {shlex.join(argv)}", raise_on_drop=False)
+        except GateFailed as exc:  # an engine that did not build or run: the gate below reports it
+            log.warning("rdcd-quantize: %s; the gate decides", exc)
+            return 0
+        print_summary(arts, d.export_dir, d.a.max_drop)
+        over = [a.name for a in arts if a.accuracy is not None and a.accuracy.over()]
+        if over:  # the quantize stage's own (stricter) target missed: the gate below decides
+            log.warning("rdcd-quantize: INT8 drop above %s after fallback (%s); the gate decides", d.a.max_drop,
+                        ", ".join(over))
+        return 0
+
+    return _stage("quantize", "rdcd-quantize", run, argv, d.timings)
 
 
 def validate_stage(d: Demo) -> int:
-    from rdcd.validate.int8_gate import gate_main
+    from rdcd.validate import GateConfig, gate
 
-    code = _stage("validate", "rdcd-validate", gate_main,
-                  ["--benchmark", str(d.bench_dir), "--exports", str(d.export_dir), "--max-drop", str(d.a.max_drop),
-                   "--report", str(d.report_dir)], d.timings)
+    argv = ["--benchmark", str(d.bench_dir), "--exports", str(d.export_dir), "--max-drop", str(d.a.max_drop),
+            "--report", str(d.report_dir)]
+    def run() -> int:
+        gate(d.bench_dir, d.export_dir, GateConfig(max_drop=d.a.max_drop, report=str(d.report_dir)))
+        return 0  # a failed gate raises GateFailed: exit 1
+
+    code = _stage("validate", "rdcd-validate", run, ["gate", *argv], d.timings)
     if (d.report_dir / "report.md").exists():
         print(f"report: {d.report_dir / 'report.md'}")
     return code

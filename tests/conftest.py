@@ -57,22 +57,40 @@ def student_onnx(student_run: Path) -> Path:
     return out
 
 
+def make_exports(folder: Path, rows: list[dict], files: dict[str, Path]) -> Path:
+    """``folder`` as an export directory: the model ``files`` (hard links, else copies) and a ``manifest.json``
+    listing ``rows`` (manifest fields; input/output/produced_by/status default to a TEST_SIZE, 128-d artifact)."""
+    import shutil
+
+    from rdcd.manifest import Artifact, Input, Manifest, Output
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, src in files.items():
+        dst = folder / name
+        if not dst.exists():
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    man = Manifest(folder)
+    man.preprocess = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
+    for r in rows:
+        man.upsert(Artifact.from_dict({"input": Input.square(TEST_SIZE).to_dict(), "output": Output(dim=128).to_dict(),
+                                       "produced_by": {"tool": "tests"}, "status": "ok", **r}))
+    man.save()
+    return folder
+
+
+def row(name, target, precision, path, runtime, **kw) -> dict:
+    """A manifest row's own fields, for :func:`make_exports`."""
+    return {"name": name, "target": target, "precision": precision, "path": path, "runtime": runtime, **kw}
+
+
 def onnx_export_dir(student_run: Path, folder: Path) -> Path:
     """``folder`` as a one-artifact export directory: the session's student ONNX (``onnx-fp32``) and its
     ``manifest.json``, as rdcd-export would write them (without running the exporter)."""
-    import shutil
-
-    from rdcd.manifest import Manifest, io_spec
-
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(student_onnx(student_run), folder / "model.onnx")
-    man = Manifest(folder)
-    man.data["preprocess"] = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
-    inp, out = io_spec(TEST_SIZE, 128)
-    man.upsert({"name": "onnx-fp32", "target": "onnx", "precision": "fp32", "path": "model.onnx",
-                "runtime": "onnxruntime", "input": inp, "output": out, "produced_by": {"tool": "tests"}, "status": "ok"})
-    man.save()
-    return folder
+    return make_exports(folder, [row("onnx-fp32", "onnx", "fp32", "model.onnx", "onnxruntime")],
+                        {"model.onnx": student_onnx(student_run)})
 
 
 def fake_trtexec(bin_dir: Path, version: str, log: Path) -> dict:

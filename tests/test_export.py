@@ -18,7 +18,7 @@ from conftest import TEST_SIZE, fake_trtexec
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.export.cli import main
 from rdcd.fsutil import sha256
-from rdcd.manifest import Manifest
+from rdcd.manifest import Manifest, Output
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -64,29 +64,28 @@ def test_all_targets_rows_and_exit(exported, student_run):
 
     code, out, man = exported
     assert code == 0
-    rows = {a["name"]: a for a in man.artifacts}
+    rows = {a.name: a for a in man.artifacts}
     assert set(rows) == {"onnx-fp32", "coreml-fp16", "openvino-fp32", "openvino-fp16", "tensorrt-fp16"}
-    assert rows["onnx-fp32"]["status"] == "ok"
-    assert rows["openvino-fp32"]["status"] == rows["openvino-fp16"]["status"] == "ok"
-    assert rows["coreml-fp16"]["status"] == ("ok" if platform.system() == "Darwin" else "not_checkable")
-    assert rows["tensorrt-fp16"]["status"] == ("ok" if availability()[0] else "not_checkable")
-    src = man.data["source"]
-    assert src["kind"] == "student" and src["dim"] == DIM
-    assert src["sha256"] == sha256(student_run / "model.safetensors")
-    assert man.data["preprocess"]["size"] == TEST_SIZE
+    assert rows["onnx-fp32"].status == "ok"
+    assert rows["openvino-fp32"].status == rows["openvino-fp16"].status == "ok"
+    assert rows["coreml-fp16"].status == ("ok" if platform.system() == "Darwin" else "not_checkable")
+    assert rows["tensorrt-fp16"].status == ("ok" if availability()[0] else "not_checkable")
+    assert man.source.kind == "student" and man.source.dim == DIM
+    assert man.source.sha256 == sha256(student_run / "model.safetensors")
+    assert man.preprocess["size"] == TEST_SIZE
     for art in man.artifacts:
-        assert art["produced_by"]["versions"] or art["target"] == "tensorrt"
-        assert art["input"]["name"] == "image" and art["output"] == {"name": "descriptor", "dim": DIM}
-        if art["status"] == "ok":
-            assert art["parity"]["min_cos"] >= 0.999 and art["parity"]["images"] == 24
-            assert art["sha256"] == sha256(out / art["path"])
-            if art["target"] == "openvino":  # the weights: .xml and .bin together, as the INT8 gate keys them
+        assert art.produced_by.versions or art.target == "tensorrt"
+        assert art.input.name == "image" and art.output == Output(name="descriptor", dim=DIM)
+        if art.status == "ok":
+            assert art.parity["min_cos"] >= 0.999 and art.parity["images"] == 24
+            assert art.sha256 == sha256(out / art.path)
+            if art.target == "openvino":  # the weights: .xml and .bin together, as the INT8 gate keys them
                 import hashlib
 
-                xml = out / art["path"]
-                assert art["content_sha256"] == hashlib.sha256(
+                xml = out / art.path
+                assert art.content_sha256 == hashlib.sha256(
                     (sha256(xml) + sha256(xml.with_suffix(".bin"))).encode()).hexdigest()
-                assert art["size_bytes"] == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+                assert art.size_bytes == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
 
 
 def test_onnx_contract_and_parity(exported, student_run, images):
@@ -120,7 +119,7 @@ def test_onnx_contract_and_parity(exported, student_run, images):
         assert desc.shape == (n, DIM) and desc.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
         assert _cos(desc, ref[:n]).min() >= 0.999
-    par = man.get("onnx-fp32")["parity"]
+    par = man.get("onnx-fp32").parity
     assert par["min_cos"] >= 0.999 and par["mean_cos"] >= par["min_cos"]
 
 
@@ -137,7 +136,7 @@ def test_openvino_ir_and_parity(exported, student_run, images):
         desc = runner(images)
         assert desc.shape == (len(images), DIM)
         assert _cos(desc, ref).min() >= 0.999
-        assert man.get(f"openvino-{precision}")["parity"]["min_cos"] >= 0.999
+        assert man.get(f"openvino-{precision}").parity["min_cos"] >= 0.999
     fp32, fp16 = (out / "openvino" / f"model-{p}.bin" for p in ("fp32", "fp16"))
     assert not [p for p in (out / "openvino").iterdir() if p.name.startswith(".")]  # no temporaries left
     assert fp16.stat().st_size < 0.6 * fp32.stat().st_size  # FP16-compressed weights
@@ -149,7 +148,7 @@ def test_coreml_package_spec(exported):
 
     _, out, man = exported
     art = man.get("coreml-fp16")
-    pkg = out / art["path"]
+    pkg = out / art.path
     assert pkg.is_dir() and pkg.suffix == ".mlpackage"
     spec = ct.models.MLModel(str(pkg), skip_model_load=True).get_spec()
     assert spec.WhichOneof("Type") == "mlProgram"
@@ -161,16 +160,16 @@ def test_coreml_package_spec(exported):
     meta = spec.description.metadata
     assert meta.author and meta.shortDescription and meta.userDefined["rdcd.dim"] == str(DIM)
     assert json.loads(meta.userDefined["rdcd.preprocess"])["size"] == TEST_SIZE
-    checks = art["checks"]
+    checks = art.checks
     assert checks["mil_program_ops"] > 50 and checks["converted_torch"]["min_cos"] >= 0.999
-    assert art["produced_by"]["options"]["normalisation_folded"] is True  # lite0: one std, folded exactly
-    assert art["deployment_target"] == "iOS16"
+    assert art.produced_by.options["normalisation_folded"] is True  # lite0: one std, folded exactly
+    assert art.deployment_target == "iOS16"
     try:
         runner = CoreMLRunner(pkg)
     except RuntimeUnavailable as exc:
-        assert art["status"] == "not_checkable" and "needs macOS" in art["reason"]
+        assert art.status == "not_checkable" and "needs macOS" in art.reason
         pytest.skip(f"Core ML prediction not run: {exc}")
-    assert art["status"] == "ok" and art["parity"]["min_cos"] >= 0.999
+    assert art.status == "ok" and art.parity["min_cos"] >= 0.999
     assert runner(np.zeros((1, TEST_SIZE, TEST_SIZE, 3), np.uint8)).shape == (1, DIM)
 
 
@@ -185,15 +184,15 @@ def test_tensorrt_inputs_script_and_row(exported, tmp_path, images, student_run)
     assert fp16.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     assert fp16.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer) > 50
-    assert art["checks"]["engine_input_fp16_onnx"]["min_cos"] >= 0.999
-    cmd = art["produced_by"]["command"]
+    assert art.checks["engine_input_fp16_onnx"]["min_cos"] >= 0.999
+    cmd = art.produced_by.command
     assert cmd == (f"trtexec --onnx=model.onnx --saveEngine=model-fp16.engine --fp16 "
                    f"--minShapes=image:1x{TEST_SIZE}x{TEST_SIZE}x3 --optShapes=image:8x{TEST_SIZE}x{TEST_SIZE}x3 "
                    f"--maxShapes=image:8x{TEST_SIZE}x{TEST_SIZE}x3")
     script = tdir / "build_engine.sh"
     assert os.access(script, os.X_OK)
     # run the script against a stand-in trtexec: it must issue exactly the recorded command lines
-    for version, expected in (("100300", cmd), ("110000", art["produced_by"]["options"]["command_strongly_typed"])):
+    for version, expected in (("100300", cmd), ("110000", art.produced_by.options["command_strongly_typed"])):
         log = tmp_path / f"calls-{version}.txt"
         fake_trtexec(tmp_path / f"bin-{version}", version, log)
         env = dict(os.environ, PATH=f"{tmp_path / f'bin-{version}'}:{os.environ['PATH']}")
@@ -201,11 +200,11 @@ def test_tensorrt_inputs_script_and_row(exported, tmp_path, images, student_run)
         assert log.read_text().splitlines() == [expected]
     ok, why = availability()
     if ok:  # a machine with an NVIDIA GPU and TensorRT built and checked the engine
-        assert art["status"] == "ok" and (out / art["path"]).is_file() and art["parity"]["min_cos"] >= 0.999
+        assert art.status == "ok" and (out / art.path).is_file() and art.parity["min_cos"] >= 0.999
         return
-    assert art["status"] == "not_checkable"
-    assert art["reason"].startswith("not built: no NVIDIA GPU/TensorRT on this machine")
-    assert not (out / art["path"]).exists()
+    assert art.status == "not_checkable"
+    assert art.reason.startswith("not built: no NVIDIA GPU/TensorRT on this machine")
+    assert not (out / art.path).exists()
     from rdcd.validate.runtimes import TensorRTRunner
 
     with pytest.raises((MissingDependency, RuntimeUnavailable)) as err:
@@ -221,15 +220,15 @@ def test_torchscript_teacher_export(tiny_teacher, tmp_path, skimage_dir):
                  "--out", str(out)])
     assert code == 0
     man = Manifest.load(out)
-    assert man.data["source"]["kind"] == "teacher" and man.data["source"]["dim"] == 24
-    assert man.data["source"]["sha256"] == sha256(tiny_teacher)
-    assert man.get("onnx-fp32")["parity"]["min_cos"] >= 0.999
-    assert man.get("openvino-fp32")["parity"]["min_cos"] >= 0.999
+    assert man.source.kind == "teacher" and man.source.dim == 24
+    assert man.source.sha256 == sha256(tiny_teacher)
+    assert man.get("onnx-fp32").parity["min_cos"] >= 0.999
+    assert man.get("openvino-fp32").parity["min_cos"] >= 0.999
     coreml = man.get("coreml-fp16")
     # ImageNet's per-channel std cannot fold into Core ML's scalar scale: it stays in the graph
-    assert coreml["produced_by"]["options"]["normalisation_folded"] is False
-    assert coreml["produced_by"]["options"]["frontend"] == "torchscript"
-    assert coreml["checks"]["converted_torch"]["min_cos"] >= 0.999
+    assert coreml.produced_by.options["normalisation_folded"] is False
+    assert coreml.produced_by.options["frontend"] == "torchscript"
+    assert coreml.checks["converted_torch"]["min_cos"] >= 0.999
 
 
 def test_sscd_onnx_teacher_is_referenced_not_copied(tmp_path, skimage_dir, capsys):
@@ -246,8 +245,8 @@ def test_sscd_onnx_teacher_is_referenced_not_copied(tmp_path, skimage_dir, capsy
     out = tmp_path / "sscd"
     assert main(["--teacher", "sscd-onnx", "--target", "onnx", "--parity-images", str(pics), "--out", str(out)]) == 0
     art = Manifest.load(out).get("onnx-int8-sscd")
-    assert art["reference_only"] is True and Path(art["path"]) == installed.resolve()
-    assert art["sha256"] == sha256(installed) and art["checks"]["dim"] == 512
+    assert art.reference_only is True and Path(art.path) == installed.resolve()
+    assert art.sha256 == sha256(installed) and art.checks["dim"] == 512
     assert not [p for p in out.rglob("*") if p.suffix in (".onnx", ".xml", ".mlpackage")]  # nothing copied
     capsys.readouterr()
     assert main(["--teacher", "sscd-onnx", "--target", "openvino", "--out", str(tmp_path / "no")]) == 2

@@ -36,10 +36,10 @@ def test_one_failing_target_does_not_stop_the_others(tiny_teacher, tmp_path):
                  "--out", str(out)])
     assert code == 1
     man = Manifest.load(out)
-    assert man.get("onnx-fp32")["status"] == "ok"
-    assert man.get("openvino-fp32")["status"] == man.get("openvino-fp16")["status"] == "failed"
-    assert man.get("openvino-fp32")["reason"]
-    assert man.get("tensorrt-fp16")["status"] in ("ok", "not_checkable")
+    assert man.get("onnx-fp32").status == "ok"
+    assert man.get("openvino-fp32").status == man.get("openvino-fp16").status == "failed"
+    assert man.get("openvino-fp32").reason
+    assert man.get("tensorrt-fp16").status in ("ok", "not_checkable")
     assert (out / "tensorrt" / "build_engine.sh").is_file()
 
 
@@ -57,7 +57,7 @@ def test_parity_failure_exits_1(tmp_path):
     out = tmp_path / "out"
     assert main(["--teacher", str(path), "--target", "onnx", "--size", "32", "--out", str(out)]) == 1
     art = Manifest.load(out).get("onnx-fp32")
-    assert art["status"] == "failed" and "parity" in art["reason"] and art["parity"]["min_cos"] < 0.999
+    assert art.status == "failed" and "parity" in art.reason and art.parity["min_cos"] < 0.999
 
 
 def _err(capsys) -> str:
@@ -150,7 +150,7 @@ def test_int8_quantizes_once_without_tensorrt(tiny_teacher, tmp_path, skimage_di
                     Options(int8=True, calib=_calib(tmp_path, skimage_dir), calib_count=4, threads=1))
     assert result.code == 0
     assert [n for n in result.notes if n.startswith("int8:")] == ["int8: rdcd.quantize.quantize ran for onnx"]
-    assert result.manifest.get("onnx-int8")["status"] == "ok"
+    assert result.manifest.get("onnx-int8").status == "ok"
 
 
 def test_int8_runs_the_quantize_stage(tiny_teacher, tmp_path, skimage_dir):
@@ -161,14 +161,14 @@ def test_int8_runs_the_quantize_stage(tiny_teacher, tmp_path, skimage_dir):
     assert main(["--teacher", str(tiny_teacher), "--target", "onnx,tensorrt,coreml", "--size", "64", "--int8",
                  "--calib-dir", str(calib), "--calib-count", "4", "--out", str(out)]) == 0
     man = Manifest.load(out)
-    names = [a["name"] for a in man.artifacts]
+    names = [a.name for a in man.artifacts]
     assert "coreml-w8a8" not in names and "coreml-w8" not in names  # Core ML INT8 needs a student checkpoint
     onnx = man.get("onnx-int8")
-    assert onnx["status"] == "ok" and onnx["produced_by"]["tool"].startswith("onnxruntime.quantization")
-    assert onnx["qdq"]["quantize_linear"] > 0 and (out / onnx["path"]).is_file()
+    assert onnx.status == "ok" and onnx.produced_by.tool.startswith("onnxruntime.quantization")
+    assert onnx.qdq["quantize_linear"] > 0 and (out / onnx.path).is_file()
     row = man.get("tensorrt-int8")  # the engine is built on the device: its QDQ source is here
-    assert row["path"] == "tensorrt/model-int8.engine" and row["status"] == "not_checkable"
-    assert (out / row["qdq_source"]).is_file() and row["engine_built"] is False
+    assert row.path == "tensorrt/model-int8.engine" and row.status == "not_checkable"
+    assert (out / row.qdq_source).is_file() and row.engine_built is False
     int8_line = ("trtexec --onnx=model-int8.onnx --saveEngine=model-int8.engine --int8 --fp16 "
                  "--minShapes=image:1x64x64x3 --optShapes=image:8x64x64x3 --maxShapes=image:8x64x64x3")
     assert int8_line in _script_calls(tmp_path, out / "tensorrt" / "build_engine.sh")

@@ -5,7 +5,6 @@ quantization on the tiny benchmark's training images), TensorRT / Core ML rows t
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -15,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TEST_SIZE, student_onnx
+from conftest import TEST_SIZE, make_exports, row, student_onnx
 
 from rdcd.fsutil import sha256
-from rdcd.manifest import Manifest, io_spec
 from rdcd.validate.cli import main as validate_main
 
 pytest.importorskip("onnxruntime")
@@ -72,29 +70,6 @@ def openvino_ir(models, tmp_path_factory) -> tuple[Path, Path]:
     xml = tmp_path_factory.mktemp("ir") / "model.xml"
     ov.save_model(ov.convert_model(str(models["fp32"])), str(xml), compress_to_fp16=False)
     return xml, xml.with_suffix(".bin")
-
-
-def make_exports(folder: Path, rows: list[dict], files: dict[str, Path]) -> Path:
-    """An export directory: the model files (hard links) and a manifest listing ``rows``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, src in files.items():
-        dst = folder / name
-        if not dst.exists():
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-    man = Manifest(folder)
-    man.data["preprocess"] = {"size": TEST_SIZE, "mean": [0.5] * 3, "std": [0.5] * 3, "resize": "stretch-bilinear"}
-    inp, out = io_spec(TEST_SIZE, 128)
-    for r in rows:
-        man.upsert({"input": inp, "output": out, "produced_by": {"tool": "tests/test_gate.py"}, "status": "ok", **r})
-    man.save()
-    return folder
-
-
-def row(name, target, precision, path, runtime, **kw) -> dict:
-    return {"name": name, "target": target, "precision": precision, "path": path, "runtime": runtime, **kw}
 
 
 FP32 = row("onnx-fp32", "onnx", "fp32", "model.onnx", "onnxruntime")
@@ -312,7 +287,8 @@ def test_bad_usage_exits_2(tiny_bench, tmp_path, capsys):
     data["artifacts"][0]["precision"] = "int4"  # written by hand: Manifest.upsert refuses it
     (ex / "manifest.json").write_text(json.dumps(data))
     assert "precision 'int4'" in _one_line_exit_2(capsys, *b, "--exports", str(ex))
-    ex = make_exports(tmp_path / "ex2", [row("a", "onnx", "int8", "a.onnx", "onnxruntime", reference="ghost")], {})
+    data["artifacts"][0].update(precision="int8", reference="ghost")  # Manifest.save refuses a dangling reference
+    (ex / "manifest.json").write_text(json.dumps(data))
     assert "reference 'ghost'" in _one_line_exit_2(capsys, *b, "--exports", str(ex))
     ex = make_exports(tmp_path / "ex3", [], {})
     assert "no artifacts" in _one_line_exit_2(capsys, *b, "--exports", str(ex))

@@ -22,24 +22,24 @@ def test_export_quantize_gate_chain(student_run, tiny_bench, skimage_dir, tmp_pa
 
     out = tmp_path / "export"
     result = export(student_run, ["onnx"], out, Options(threads=1, command="test"))
-    assert result.code == 0 and Manifest.load(out).get("onnx-fp32")["status"] == "ok"
+    assert result.code == 0 and Manifest.load(out).get("onnx-fp32").status == "ok"
 
     arts = quantize(out, skimage_dir, targets=["onnx"], recipe=QuantizeRecipe(method="minmax", calib_count=8),
                     accuracy=AccuracyControl(tiny_bench, max_drop=0.5, drop_type="relative", max_fallback_steps=1),
                     threads=1, codes=False, with_tensorrt=False)
-    row = next(a for a in arts if a["name"] == "onnx-int8")
-    acc = row["accuracy"]
+    row = next(a for a in arts if a.name == "onnx-int8")
+    acc = row.accuracy
     # a relative budget is a share of the FP32 µAP, recorded in µAP points on the row
-    assert acc["max_drop"] == pytest.approx(0.5 * acc["fp32_micro_ap"], abs=1e-6)
-    assert acc["drop"] <= acc["max_drop"] and math.isfinite(acc["micro_ap"])
-    assert Manifest.load(out).get("onnx-int8")["status"] == "ok"
+    assert acc.max_drop == pytest.approx(0.5 * acc.fp32_micro_ap, abs=1e-6)
+    assert not acc.over() and math.isfinite(acc.micro_ap)
+    assert Manifest.load(out).get("onnx-int8") == row  # what quantize returned is what the manifest holds
 
     report = gate(tiny_bench, out, GateConfig(max_drop=0.5, drop_type="relative", threads=1, latency_iters=2,
                                               warmup=1, report=str(tmp_path / "report")))
     rows = {r["name"]: r for r in report["artifacts"]}
     assert report["gate"]["passed"] and set(rows) == {"onnx-fp32", "onnx-int8"}
     # the gate measures the same INT8 µAP the quantize stage recorded (same runtime, same benchmark)
-    assert rows["onnx-int8"]["micro_ap"] == pytest.approx(acc["micro_ap"], abs=1e-6)
+    assert rows["onnx-int8"]["micro_ap"] == pytest.approx(acc.micro_ap, abs=1e-6)
     assert json.loads((tmp_path / "report" / "report.json").read_text())["gate"]["passed"]
 
     # bad settings are bad input (exit 2), refused before any evaluation

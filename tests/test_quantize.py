@@ -22,19 +22,17 @@ pytest.importorskip("onnx")
 def base_export(student_run, tmp_path_factory) -> Path:
     """An export directory as rdcd-export writes it: model.onnx (FP32, uint8 NHWC) + manifest.json."""
     from rdcd.export.onnx_export import export_onnx
-    from rdcd.manifest import Manifest, io_spec
+    from rdcd.manifest import Artifact, Input, Manifest, Output, ProducedBy, Source
     from rdcd.model import load_student
 
     student = load_student(student_run)
     out = tmp_path_factory.mktemp("export") / "exp"
     export_onnx(student, out / "model.onnx", TEST_SIZE)
     m = Manifest(out)
-    m.data["source"] = {"kind": "student", "checkpoint": str(student_run), "dim": 128}
-    m.data["preprocess"] = student.config.preprocess().to_dict()
-    inp, outp = io_spec(TEST_SIZE, 128)
-    m.upsert({"name": "onnx-fp32", "target": "onnx", "precision": "fp32", "path": "model.onnx",
-              "runtime": "onnxruntime", "input": inp, "output": outp, "produced_by": {"tool": "test"},
-              "status": "ok"})
+    m.source = Source(kind="student", checkpoint=str(student_run), dim=128)
+    m.preprocess = student.config.preprocess().to_dict()
+    m.upsert(Artifact("onnx-fp32", "onnx", "fp32", "model.onnx", "onnxruntime", Input.square(TEST_SIZE),
+                      Output(dim=128), ProducedBy("test")))
     m.save()
     return out
 
@@ -208,9 +206,9 @@ def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench,
     steps = report["targets"]["onnx"]["fallback"]["steps"]
     assert steps[0]["float_layers"] == 0 and steps[0]["drop"] > 0.05, steps[0]  # the crippled model is bad
     assert len(steps) >= 2
-    assert art["accuracy"]["drop"] < steps[0]["drop"] - 0.03  # ... and the loop really recovers µAP
-    assert art["accuracy"]["drop"] <= 0.02
-    assert art["fallback_layers"] and art["fallback_layers"] == steps[-1]["excluded"]
+    assert art.accuracy.drop < steps[0]["drop"] - 0.03  # ... and the loop really recovers µAP
+    assert art.accuracy.drop <= 0.02 and art.accuracy.max_drop == 0.02
+    assert art.fallback_layers and art.fallback_layers == steps[-1]["excluded"]
     assert [s["float_layers"] for s in steps] == sorted(s["float_layers"] for s in steps)
     sens = report["sensitivity"]
     assert sens[0]["sqnr_db"] <= sens[-1]["sqnr_db"]
@@ -219,9 +217,9 @@ def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench,
     assert [p["layer"] for p in probes] == [r["layer"] for r in sens[: len(probes)]] and probes
     helped = sorted((p for p in probes if p["drop"] < steps[0]["drop"]), key=lambda p: p["drop"])
     if helped:
-        assert art["fallback_layers"][0] == helped[0]["layer"]
+        assert art.fallback_layers[0] == helped[0]["layer"]
     m = _art(export_dir, "onnx-int8")
-    assert m["fallback_layers"] == art["fallback_layers"] and m["reference"] == "onnx-fp32"
+    assert m["fallback_layers"] == art.fallback_layers and m["reference"] == "onnx-fp32"
 
 
 def test_cli_exit_1_when_drop_stays_too_large_and_work_is_kept(export_dir, tiny_bench, blank_calib_dir, capsys):
@@ -244,14 +242,22 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     pytest.importorskip("openvino")
     pytest.importorskip("nncf")
     pytest.importorskip("coremltools")
+    from rdcd.artifact import COREML_SIMULATION, layout_path
     from rdcd.fsutil import sha256
     from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
+    from rdcd.quantize.context import OLD_LAYOUT
 
+    old = [export_dir / rel for rels in OLD_LAYOUT.values() for rel in rels]  # what older versions wrote (folders)
+    for p in old:
+        p.mkdir()
+    assert not (export_dir / "coreml").exists() and not (export_dir / "openvino").exists()  # made on saving
     arts = quantize(export_dir, calib_dir, targets=("onnx", "openvino", "coreml"),
                     recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=12),
                     accuracy=AccuracyControl(tiny_bench, max_drop=0.05, max_fallback_steps=2), raise_on_drop=False)
-    names = {a["name"] for a in arts}
+    names = {a.name for a in arts}
     assert names == {"onnx-int8", "tensorrt-int8", "openvino-int8", "coreml-w8a8", "coreml-w8"}
+    assert {a.name: a.path for a in arts} == {a.name: layout_path(a.target, a.precision) for a in arts}
+    assert not any(p.exists() for p in old), [p.name for p in old if p.exists()]
     m = _manifest(export_dir)
     gt_sha = sha256(tiny_bench / "ground_truth.csv")
     for name in names:
@@ -288,19 +294,21 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
            and any(i.get_source_output().get_node().get_type_name() == "FakeQuantize" for i in op.inputs())]
     assert fed == [], fed
     assert abs(ov["checks"]["unit_norm"]["norm_max"] - 1) < 1e-3 and ov["produced_by"]["options"]["overflow_fix"] == "enable"
+    xml, weights = export_dir / ov["path"], export_dir / "openvino" / "model-int8.bin"  # the .bin counts too
+    assert ov["size_bytes"] == xml.stat().st_size + weights.stat().st_size and ov["content_sha256"] != ov["sha256"]
     for name in ("onnx-int8", "openvino-int8", "coreml-w8a8", "coreml-w8", "tensorrt-int8"):
         a = next(x for x in m["artifacts"] if x["name"] == name)
         lo, hi = a["accuracy"]["drop_ci95"]  # paired bootstrap over the benchmark's queries
         assert lo <= a["accuracy"]["drop"] + 1e-6 and a["accuracy"]["drop"] - 1e-6 <= hi, name
 
     # Core ML: W8A8 iOS 17 package with quantized activations, W8 with int8 weights; µAP simulated off macOS
-    w8a8 = next(x for x in m["artifacts"] if x["name"] == "coreml-w8a8")
-    w8 = next(x for x in m["artifacts"] if x["name"] == "coreml-w8")
+    w8a8, w8 = (next(x for x in m["artifacts"] if x["name"] == n) for n in ("coreml-w8a8", "coreml-w8"))
     assert w8a8["precision"] == "w8a8" and w8["precision"] == "w8"
     assert w8a8["mlpackage"]["specification_version"] >= 8  # iOS 17
     assert w8a8["mlpackage"]["quantize_ops"] > 20 and w8a8["mlpackage"]["constexpr_dequant_ops"] > 40
     assert w8["mlpackage"]["constexpr_dequant_ops"] > 40 and w8["mlpackage"]["quantize_ops"] == 0
     assert w8a8["mlpackage"]["inputs"] == ["image"] and w8a8["mlpackage"]["outputs"] == ["descriptor"]
+    assert w8a8["input"]["shape"] == [1, TEST_SIZE, TEST_SIZE, 3] == w8["input"]["shape"]  # one RGB image
     if platform.system() != "Darwin":
         for a in (w8a8, w8):
             assert a["status"] == "not_checkable" and "macOS" in a["reason"]
@@ -312,6 +320,7 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     from rdcd.quantize.accuracy import BenchImages
     from rdcd.preprocess import PreprocessSpec
 
+    assert w8a8["path"] == "coreml/model-w8a8.mlpackage" and w8a8["simulation"]["path"] == COREML_SIMULATION
     sim = load_w8a8_simulation(load_student(student_run), export_dir / w8a8["simulation"]["path"])
     bench = BenchImages.load(tiny_bench, PreprocessSpec.from_dict(m["preprocess"]), with_training=False)
     assert abs(bench.micro_ap(sim.embedder()) - w8a8["accuracy"]["micro_ap"]) < 1e-6
@@ -325,8 +334,21 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     assert json.loads((export_dir / "index_codes.json").read_text())["dim"] == 128
 
 
+def test_old_layout_files_go_unless_a_row_names_them(tmp_path):
+    from rdcd.manifest import Artifact, Input, Manifest, Output
+    from rdcd.quantize.context import remove_old_layout
+
+    for name in ("openvino-int8", "model.w8a8.mlpackage", "model.w8a8.simulation"):
+        (tmp_path / name).mkdir()
+    m = Manifest(tmp_path)  # a row still naming a file in the old folder keeps it
+    m.upsert(Artifact("openvino-int8", "openvino", "int8", "openvino-int8/model.xml", "openvino", Input(), Output()))
+    assert remove_old_layout(m, "openvino") == [] and remove_old_layout(m, "onnx") == []
+    assert remove_old_layout(m, "coreml") == ["model.w8a8.mlpackage", "model.w8a8.simulation"]
+    assert (tmp_path / "openvino-int8").is_dir() and not (tmp_path / "model.w8a8.mlpackage").exists()
+
+
 # ----------------------------------------------------------------------------------------- codes
-def test_codes_round_trip_and_search():
+def test_codes_round_trip_and_search(tmp_path):
     from rdcd.quantize.codes import BinaryCodes, Int8Codes, load_int8_codec
 
     rng = np.random.default_rng(0)
@@ -345,14 +367,10 @@ def test_codes_round_trip_and_search():
     assert list(idx[:, 0]) == [0, 1, 2, 3, 4] and np.allclose(sims[:, 0], 1.0)
     s8, i8 = int8.search(x[:5], x)
     assert list(i8[:, 0]) == [0, 1, 2, 3, 4]
-    import tempfile
-
     from rdcd.fsutil import write_json
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_json(Path(tmp) / "c.json", {"dim": 64, "int8": int8.scales()})
-        again = load_int8_codec(Path(tmp) / "c.json")
-        assert np.array_equal(again.encode(x), codes)
+    write_json(tmp_path / "c.json", {"dim": 64, "int8": int8.scales()})
+    assert np.array_equal(load_int8_codec(tmp_path / "c.json").encode(x), codes)
 
 
 def test_sqnr_and_schedule():

@@ -14,7 +14,6 @@ import pytest
 
 from rdcd.errors import RdcdError
 from rdcd.preprocess import PreprocessSpec, to_float_nchw
-from rdcd.validate.models import manifest_input_size
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 24
@@ -113,26 +112,35 @@ def test_one_uint8_to_float_conversion():
     np.testing.assert_array_equal(to_float_nchw(batch, spec.mean, spec.std), spec.normalize(batch))
 
 
-@pytest.mark.parametrize("data, entry, size", [
-    ({"preprocess": {"size": 96}}, {"name": "a", "input": {"size": [64, 64]}}, 64),
-    ({"preprocess": {"size": 96}}, {"name": "a", "input": {"size": 80}}, 80),
-    ({"preprocess": {"size": 96}}, {"name": "a", "input": {}}, 96),
-    ({"preprocess": {"size": 96}}, None, 96),
-    ({}, {"name": "a", "input": {"size": "x"}}, None),
-    (None, None, None),
-])
-def test_manifest_input_size(data, entry, size):
-    assert manifest_input_size(data, entry) == size
+def _manifest(pre: dict, inp: dict):
+    from rdcd.manifest import Manifest
+
+    row = {"name": "a", "target": "onnx", "precision": "fp32", "path": "m.onnx", "runtime": "onnxruntime",
+           "input": inp, "output": {"dim": 8}, "produced_by": {}, "status": "ok"}
+    return Manifest.from_dict(".", {"preprocess": pre, "artifacts": [row]}, "m.json")
 
 
-@pytest.mark.parametrize("data, entry", [
-    ({"preprocess": {"size": "big"}}, {"name": "a", "input": {}}),
-    ({}, {"name": "a", "input": {"size": ["x", "x"]}}),
-    ({}, {"name": "a", "input": [96]}),
+@pytest.mark.parametrize("pre, inp, size", [
+    ({"size": 96}, {"size": [64, 64]}, 64),
+    ({"size": 96}, {"size": 80}, 80),  # older manifests wrote one number
+    ({"size": 96}, {}, 96),
+    ({}, {}, None),
 ])
-def test_manifest_input_size_malformed_is_one_clear_error(data, entry):
-    with pytest.raises(RdcdError, match=r"malformed m\.json: bad input size for a"):
-        manifest_input_size(data, entry, "m.json")
+def test_manifest_input_size(pre, inp, size):
+    m = _manifest(pre, inp)
+    assert m.input_size(m.get("a")) == size and m.input_size() == pre.get("size")
+
+
+@pytest.mark.parametrize("pre, inp, says", [
+    ({"size": "big"}, {}, "preprocess size"),
+    ({}, {"size": ["x", "x"]}, "input size must be"),
+    ({}, {"size": "x"}, "input size must be"),
+    ({}, [96], "input must be an object"),
+])
+def test_manifest_input_size_malformed_is_one_clear_error(pre, inp, says):
+    with pytest.raises(RdcdError, match=rf"malformed \S*\.json: .*{says}"):
+        m = _manifest(pre, inp)
+        m.input_size(m.get("a"))
 
 
 def test_measure_latency_has_no_gpu_hook(models):
@@ -152,12 +160,16 @@ def test_runner_modules_import_without_torch():
         from rdcd.validate.cuda import cuda_devices
         from rdcd.validate.device import device_info
         from rdcd.validate.int8_gate import build_parser, gate_main, merge_main
-        from rdcd.validate.gate_reference import FAILED, INT8_CLASS, NOT_CHECKABLE, OK, SIMULATED
+        from rdcd.validate.gate_reference import FAILED, NOT_CHECKABLE, OK, SIMULATED
+        from rdcd.manifest import QUANTIZED
         from rdcd.validate.gate_rows import evaluate_manifest
         import rdcd.validate.bench, rdcd.validate.cuda, rdcd.validate.device, rdcd.validate.gate_rows
         import rdcd.validate.gate_reference, rdcd.validate.evaluate, rdcd.validate.models, rdcd.preprocess
-        from rdcd.validate.bench import _find_manifest_entries, _pick_entry, measure_latency, resolve_size
-        assert INT8_CLASS == ("int8", "w8a8", "w8") and (OK, NOT_CHECKABLE, FAILED) == ("ok", "not_checkable", "failed")
+        from rdcd.validate.bench import measure_latency, pick_row, resolve_size
+        from rdcd.manifest import Artifact, Manifest
+        from rdcd.targets import REGISTRY, for_file
+        assert for_file(".onnx").function("runner") is OnnxRuntimeRunner
+        assert QUANTIZED == ("int8", "w8a8", "w8") and (OK, NOT_CHECKABLE, FAILED) == ("ok", "not_checkable", "failed")
         n, why = cuda_devices()
         assert isinstance(n, int) and (n or why)
         assert device_info()["cpu_count"] >= 1

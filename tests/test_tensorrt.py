@@ -18,7 +18,7 @@ from conftest import TEST_SIZE, fake_trtexec
 
 from rdcd.export import tensorrt as T
 from rdcd.fsutil import sha256
-from rdcd.manifest import Manifest
+from rdcd.manifest import Artifact, Manifest, replace
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -50,7 +50,7 @@ def exports(student_run, tiny_bench, tmp_path_factory) -> Path:
     return out
 
 
-def _row(out: Path, name: str = "tensorrt-int8") -> dict:
+def _row(out: Path, name: str = "tensorrt-int8") -> Artifact:
     return Manifest.load(out).get(name)
 
 
@@ -59,41 +59,41 @@ def test_manifest_row_engine_and_qdq_source(exports, tiny_bench):
     from rdcd.validate.runtimes import OnnxRuntimeRunner
 
     man = Manifest.load(exports)
-    assert [a["name"] for a in man.artifacts if a["target"] == "tensorrt"] == ["tensorrt-fp16", "tensorrt-int8"]
-    assert man.data["tensorrt"] == {"batch": BATCH}
+    assert [a.name for a in man.artifacts if a.target == "tensorrt"] == ["tensorrt-fp16", "tensorrt-int8"]
+    assert man.tensorrt == {"batch": BATCH} and T.profile_batch(man) == BATCH
     art = man.get("tensorrt-int8")
     # path is the engine, which is not there; its QDQ source is
-    assert art["path"] == "tensorrt/model-int8.engine" and art["runtime"] == "tensorrt" and art["precision"] == "int8"
-    assert not (exports / art["path"]).exists() and art["engine_built"] is False
-    assert "sha256" not in art and "size_bytes" not in art and "engine_path" not in art and "build" not in art
-    assert art["qdq_source"] == "tensorrt/model-int8.onnx"
-    qdq = exports / art["qdq_source"]
-    assert qdq.is_file() and art["qdq_sha256"] == sha256(qdq)
+    assert art.path == "tensorrt/model-int8.engine" and art.runtime == "tensorrt" and art.precision == "int8"
+    assert not (exports / art.path).exists() and art.engine_built is False
+    assert all(v is None for v in (art.sha256, art.size_bytes, art.engine_path, art.build))
+    assert art.qdq_source == "tensorrt/model-int8.onnx"
+    qdq = exports / art.qdq_source
+    assert qdq.is_file() and art.qdq_sha256 == sha256(qdq)
     # never ok for an engine that does not exist: not checkable, with the reason
-    assert art["status"] == "not_checkable"
-    assert art["reason"].startswith(T.NOT_BUILT) and "tensorrt/build_engine.sh" in art["reason"]
-    assert "tensorrt is not installed" in art["reason"]
+    assert art.status == "not_checkable"
+    assert art.reason.startswith(T.NOT_BUILT) and "tensorrt/build_engine.sh" in art.reason
+    assert "tensorrt is not installed" in art.reason
     # the QDQ model: valid ONNX, uint8 image in, symmetric int8 activations (zero point 0), per-channel weights
     model = onnx.load(str(qdq))
     onnx.checker.check_model(model)
     facts = check_qdq(qdq)
-    assert facts == art["qdq"]
+    assert facts == art.qdq
     assert facts["activation_zero_points"] == [0] and facts["activation_dtypes"] == ["int8"]
     assert facts["input_dtype"] == "UINT8" and facts["quantized_layers"] > 20 and facts["per_channel_weights"] > 20
     out = OnnxRuntimeRunner(qdq, threads=1, reference=True)(np.zeros((2, TEST_SIZE, TEST_SIZE, 3), np.uint8))
     assert out.shape == (2, 128) and np.isfinite(out).all()
     # the same batch profile as the FP16 engine
-    opts, fp16 = art["produced_by"]["options"], man.get("tensorrt-fp16")["produced_by"]["options"]
+    opts, fp16 = art.produced_by.options, man.get("tensorrt-fp16").produced_by.options
     assert (opts["min_batch"], opts["opt_batch"], opts["max_batch"]) == (1, BATCH, BATCH)
     assert all(fp16[k] == opts[k] for k in ("min_batch", "opt_batch", "max_batch"))
-    assert art["input"]["shape"] == [f"1..{BATCH}", TEST_SIZE, TEST_SIZE, 3]
+    assert art.input.shape == [f"1..{BATCH}", TEST_SIZE, TEST_SIZE, 3]
     assert opts["calibration_cache"] is None and opts["activations"] == "symmetric"
-    assert art["produced_by"]["command"].startswith("rdcd-quantize ")
+    assert art.produced_by.command.startswith("rdcd-quantize ")
     # accuracy: the ONNX Runtime QDQ-reference prediction, marked as simulated
-    acc = art["accuracy"]
-    assert acc["simulated"] is True and "TensorRT INT8 prediction" in acc["runtime"]
-    assert acc["prediction_micro_ap"] == acc["micro_ap"] and 0 <= acc["micro_ap"] <= 1
-    assert acc["ground_truth_sha256"] == sha256(tiny_bench / "ground_truth.csv")
+    acc = art.accuracy
+    assert acc.simulated is True and "TensorRT INT8 prediction" in acc.runtime
+    assert acc.prediction_micro_ap == acc.micro_ap and 0 <= acc.micro_ap <= 1
+    assert acc.ground_truth_sha256 == sha256(tiny_bench / "ground_truth.csv")
 
 
 def _script_calls(script: Path, tmp_path: Path, version: str) -> list[str]:
@@ -110,19 +110,19 @@ def test_one_build_script_with_both_branches(exports, tmp_path):
     script = tdir / "build_engine.sh"
     assert os.access(script, os.X_OK)
     man = Manifest.load(exports)
-    fp16, int8 = man.get("tensorrt-fp16")["produced_by"], man.get("tensorrt-int8")
+    fp16, int8 = man.get("tensorrt-fp16").produced_by, man.get("tensorrt-int8")
     shapes = " ".join(T.shape_args(TEST_SIZE, BATCH))
     # TensorRT 10 (weak typing): --fp16 on model.onnx, --int8 --fp16 on the QDQ model
     ten = _script_calls(script, tmp_path, "100300")
-    assert ten == [fp16["command"], int8["command"]]
+    assert ten == [fp16.command, int8.command]
     assert ten[1] == f"trtexec --onnx=model-int8.onnx --saveEngine=model-int8.engine --int8 --fp16 {shapes}"
     # TensorRT 11 (strongly typed): the precision comes from the graphs
     eleven = _script_calls(script, tmp_path, "110000")
-    assert eleven == [fp16["options"]["command_strongly_typed"], int8["produced_by"]["options"]["command_strongly_typed"]]
+    assert eleven == [fp16.options["command_strongly_typed"], int8.produced_by.options["command_strongly_typed"]]
     assert eleven[1] == f"trtexec --onnx=model-int8.onnx --saveEngine=model-int8.engine --stronglyTyped {shapes}"
     assert all(line.endswith(shapes) for line in ten + eleven)  # one batch range for FP16 and INT8
     # the INT8 line reads the row's QDQ source, relative to tensorrt/
-    assert (exports / int8["qdq_source"]) == tdir / "model-int8.onnx"
+    assert (exports / int8.qdq_source) == tdir / "model-int8.onnx"
 
 
 def test_reexport_keeps_one_int8_row_and_script(exports, student_run, tmp_path):
@@ -134,7 +134,7 @@ def test_reexport_keeps_one_int8_row_and_script(exports, student_run, tmp_path):
     assert export_main(["--checkpoint", str(student_run), "--target", "tensorrt", "--batch", str(BATCH),
                         "--parity-images", str(exports.parent / "parity"), "--out", str(out)]) == 0
     man = Manifest.load(out)
-    assert [a["name"] for a in man.artifacts if a["precision"] == "int8"] == ["tensorrt-int8"]
+    assert [a.name for a in man.artifacts if a.precision == "int8"] == ["tensorrt-int8"]
     assert man.get("tensorrt-int8") == before  # the quantize stage's row, untouched
     text = (out / "tensorrt" / "build_engine.sh").read_text()
     assert text.count("--onnx=model-int8.onnx") == 2 and text.count("--onnx=model.onnx") == 1
@@ -158,7 +158,7 @@ def test_gate_never_passes_a_missing_engine(exports, tiny_bench, capsys):
     trt = rows["tensorrt-int8"]
     assert trt["status"] == "not_checkable" and trt["reason"].startswith(T.NOT_BUILT)
     assert trt["path"] == "tensorrt/model-int8.engine" and trt["sha256"] is None
-    assert trt["simulated"] is True and trt["micro_ap"] == _row(exports)["accuracy"]["micro_ap"]
+    assert trt["simulated"] is True and trt["micro_ap"] == _row(exports).accuracy.micro_ap
     assert rows["onnx-fp32"]["status"] == "ok"
     capsys.readouterr()
     assert validate_main([*args, "--require", "tensorrt"]) == 1
@@ -176,13 +176,12 @@ def test_gate_engine_rows_ok_claims_and_old_manifests(exports, tiny_bench, tmp_p
     shutil.copytree(exports, out)
     man = Manifest.load(out)
     new = man.get("tensorrt-int8")
-    claims_ok = {**new, "name": "claims-ok", "status": "ok"}
-    claims_ok.pop("reason")
-    old = {k: v for k, v in new.items() if k not in ("qdq_source", "qdq_sha256", "engine_built")}
-    old.update(name="old-format", path="tensorrt/model-int8.onnx", engine_path="tensorrt/model-int8.engine",
-               sha256=new["qdq_sha256"], reason="engine not built here: no TensorRT/NVIDIA GPU on this machine")
-    old_ok = {**old, "name": "old-format-ok", "status": "ok"}
-    man.data["artifacts"] = [claims_ok, old, old_ok]
+    claims_ok = replace(new, name="claims-ok", status="ok", reason=None)
+    old = replace(new, name="old-format", path="tensorrt/model-int8.onnx", engine_path="tensorrt/model-int8.engine",
+                  sha256=new.qdq_sha256, reason="engine not built here: no TensorRT/NVIDIA GPU on this machine",
+                  qdq_source=None, qdq_sha256=None, engine_built=None)
+    old_ok = replace(old, name="old-format-ok", status="ok")
+    man.artifacts = [claims_ok, old, old_ok]
     calls = []
     real = rt.load_runner
     monkeypatch.setattr(rt, "load_runner", lambda path, **kw: calls.append((Path(path).name, kw)) or real(path, **kw))

@@ -75,7 +75,7 @@ def test_export_whiten_on_records_the_folder_and_matches_torch(small_run, photos
     out = tmp_path / "exp"
     assert main(["--checkpoint", str(small_run), "--target", "onnx", "--out", str(out), "--whiten-on", str(photos)]) == 0
     m = Manifest.load(out)
-    w = m.data["source"]["model"]["whitening"]
+    w = m.source.whitening
     assert w["folder_sha256"] == folder_sha256(list_images(photos)) and w["images"] == len(list_images(photos)) - 1
     good = [p for p in list_images(photos) if p.name != "broken.jpg"]
     imgs = PreprocessSpec(size=SIZE).load_batch(good[:4])

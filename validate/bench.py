@@ -131,32 +131,11 @@ def tensorrt_gpu_compute(runner, batch: np.ndarray, warmup: int, iters: int) -> 
 
 
 # ----------------------------------------------------------------------------------- model details
-def _find_manifest_entries(model: Path) -> tuple[dict | None, list[dict]]:
-    """The export manifest beside ``model`` (or one folder up) and the artifact entries naming it."""
-    model_res = model.resolve()
-    for folder in (model.parent, model.parent.parent):
-        mf = folder / "manifest.json"
-        if not mf.is_file():
-            continue
-        try:
-            data = json.loads(mf.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-            raise RdcdError(f"malformed {mf}: {exc}") from None
-        if not isinstance(data, dict):
-            raise RdcdError(f"malformed {mf}: not a JSON object")
-        arts = data.get("artifacts") if isinstance(data.get("artifacts"), list) else []
-        by_path = [a for a in arts if isinstance(a, dict) and "path" in a
-                   and (folder / str(a["path"])).resolve() == model_res]
-        by_name = [a for a in arts if isinstance(a, dict) and Path(str(a.get("path", ""))).name == model.name]
-        return data, by_path or by_name
-    return None, []
-
-
-def _pick_entry(entries: list[dict], runtime: str) -> dict | None:
-    """Of the manifest rows naming this file, the one run by ``runtime`` (an INT8 QDQ file is listed both
-    as the onnxruntime artifact and as the TensorRT engine's input)."""
-    same = [e for e in entries if e.get("runtime") == runtime]
-    return (same or entries or [None])[0]
+def pick_row(rows: list, runtime: str):
+    """Of the manifest rows naming this file (:meth:`rdcd.manifest.Manifest.beside`), the one run by ``runtime``
+    (an INT8 QDQ file is listed both as the onnxruntime artifact and as the TensorRT engine's input)."""
+    same = [r for r in rows if r.runtime == runtime]
+    return (same or rows or [None])[0]
 
 
 def _size_from_onnx_metadata(runner) -> int | None:
@@ -191,12 +170,12 @@ def _size_from_runner(runner) -> int | None:
     return None
 
 
-def resolve_size(runner, model: Path, size: int | None, data: dict | None, entry: dict | None) -> tuple[int, str]:
+def resolve_size(runner, model: Path, size: int | None, manifest=None, row=None) -> tuple[int, str]:
+    """The input size: ``--size``, the export manifest (:meth:`~rdcd.manifest.Manifest.input_size`), the ONNX
+    metadata, the model's static input shape."""
     if size:
         return int(size), "--size"
-    from rdcd.validate.models import manifest_input_size
-
-    for fn, where in ((lambda: manifest_input_size(data, entry), "manifest.json"),
+    for fn, where in ((lambda: manifest.input_size(row) if manifest is not None else None, "manifest.json"),
                       (lambda: _size_from_onnx_metadata(runner), "ONNX metadata"),
                       (lambda: _size_from_runner(runner), "model input shape")):
         s = fn()
@@ -271,15 +250,16 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     if not model.exists():
         raise RdcdError(f"model not found: {model}")
     from rdcd.fsutil import sha256, size_bytes
+    from rdcd.manifest import Manifest
     from rdcd.validate.bench_checks import check_batch_memory, check_fixed_size
     from rdcd.validate.device import device_info, load_average
     from rdcd.validate.runtimes import load_runner
 
-    data, entries = _find_manifest_entries(model)
+    manifest, rows = Manifest.beside(model)
     runner = load_runner(model, runtime=args.runtime, threads=args.threads)
-    entry = _pick_entry(entries, getattr(runner, "name", args.runtime))
+    entry = pick_row(rows, getattr(runner, "name", args.runtime))
     check_fixed_size(model, args.size, _size_from_runner(runner))
-    size, size_from = resolve_size(runner, model, args.size, data, entry)
+    size, size_from = resolve_size(runner, model, args.size, manifest, entry)
     check_batch_memory(args.batch, size, model)
     batches, input_desc = make_inputs(size, args.batch, args.images, args.seed)
     out = runner(batches[0])
@@ -295,9 +275,9 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
         "created": _now(),
         "label": args.label,
         "model": {"path": str(model), "name": model.name, "sha256": sha256(model), "size_bytes": size_bytes(model),
-                  "artifact": entry.get("name") if entry else None,
-                  "target": entry.get("target") if entry else None,
-                  "precision": entry.get("precision") if entry else None},
+                  "artifact": entry.name if entry else None,
+                  "target": entry.target if entry else None,
+                  "precision": entry.precision if entry else None},
         "runtime": {**desc, "runtime": desc.get("runtime", getattr(runner, "name", args.runtime)),
                     "version": desc.get("version", getattr(runner, "version", "?"))},
         "device": device_info(),

@@ -12,7 +12,7 @@ from rdcd.errors import GateFailed, RdcdError
 def check_gate_inputs(a, manifest) -> list[dict]:
     """Raise before any evaluation; returns the loaded ``--bench-json`` records."""
     from rdcd.validate import report as rep
-    from rdcd.validate.gate_reference import INT8_CLASS
+    from rdcd.manifest import QUANTIZED
 
     if not (math.isfinite(a.max_drop) and a.max_drop >= 0):
         raise RdcdError(f"--max-drop must be a finite number >= 0, not {a.max_drop}")
@@ -25,8 +25,8 @@ def check_gate_inputs(a, manifest) -> list[dict]:
         cli.writable_dir(a.report, "--report", clean=True)
     devices = [rep.load_bench_json(f) for f in a.bench_json]
     for d in devices:  # a bench JSON that matches nothing (or another file of the same name) fails now
-        rep.match_rows(manifest.artifacts, d, base=manifest.dir)
-    if not a.allow_empty and not any(art.get("precision") in INT8_CLASS for art in manifest.artifacts):
+        rep.match_rows([art.to_dict() for art in manifest.artifacts], d, base=manifest.dir)
+    if not a.allow_empty and not any(art.quantized for art in manifest.artifacts):
         raise GateFailed(f"nothing to gate: {manifest.path} has no INT8 artifact (precision "
-                         f"{', '.join(INT8_CLASS)}); pass --allow-empty to evaluate it anyway")
+                         f"{', '.join(QUANTIZED)}); pass --allow-empty to evaluate it anyway")
     return devices

@@ -6,36 +6,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rdcd.manifest import STATUSES, Manifest
+from rdcd.manifest import STATUSES, Artifact, Manifest
 
-INT8_CLASS = ("int8", "w8a8", "w8")
 OK, NOT_CHECKABLE, FAILED = STATUSES  # a gate row's status: the manifest's words
 SIMULATED = "simulated in PyTorch"
 
 
-def _accuracy_block(art: dict, bench_root: Path, gt_sha: str) -> tuple[dict | None, str | None]:
+def _accuracy_block(art: Artifact, bench_root: Path, gt_sha: str) -> tuple[dict | None, str | None]:
     """The quantize stage's simulated numbers for this artifact, if measured on this benchmark."""
-    acc = art.get("accuracy")
-    if not isinstance(acc, dict) or not acc.get("simulated"):
+    acc = art.accuracy
+    if acc is None or not acc.simulated:
         return None, None
-    rec_sha, rec_bench = acc.get("ground_truth_sha256"), acc.get("benchmark")  # as accuracy_block writes them
+    rec_sha, rec_bench = acc.ground_truth_sha256, acc.benchmark
     if rec_sha:
         if rec_sha != gt_sha:
             return None, (f"simulated µAP was measured on another benchmark ({rec_bench or '?'}, ground truth "
                           f"sha256 {str(rec_sha)[:12]}…, this one {gt_sha[:12]}…)")
     elif not rec_bench or Path(rec_bench).resolve() != bench_root.resolve():
         return None, f"simulated µAP was measured on another benchmark ({rec_bench or 'unrecorded'})"
-    q = acc.get("micro_ap")
-    ref = acc.get("fp32_micro_ap")
-    if not isinstance(q, (int, float)):
-        return None, "the recorded simulated accuracy has no micro_ap"
-    return {"micro_ap": float(q), "reference_micro_ap": float(ref) if isinstance(ref, (int, float)) else None,
-            "recall_at_p90": acc.get("recall_at_p90"), "acc_at_1": acc.get("acc_at_1"),
-            "runtime": acc.get("runtime") or SIMULATED,
-            "drop_ci95": acc.get("drop_ci95") if isinstance(acc.get("drop_ci95"), list) else None}, None
+    return {"micro_ap": float(acc.micro_ap), "reference_micro_ap": float(acc.fp32_micro_ap),
+            "recall_at_p90": None, "acc_at_1": None,  # the quantize stage records µAP only
+            "runtime": acc.runtime or SIMULATED,
+            "drop_ci95": acc.drop_ci95 if isinstance(acc.drop_ci95, list) else None}, None
 
 
-def add_simulated(row: dict, art: dict, bench, gt_sha: str) -> None:
+def add_simulated(row: dict, art: Artifact, bench, gt_sha: str) -> None:
     sim, why = _accuracy_block(art, bench.root, gt_sha)
     if why:
         row["notes"].append(why)
@@ -47,25 +42,25 @@ def add_simulated(row: dict, art: dict, bench, gt_sha: str) -> None:
         row["notes"].append(f"µAP simulated by rdcd-quantize on this benchmark ({how}); the runtime itself was not run")
 
 
-def default_reference(manifest: Manifest, art: dict) -> str | None:
+def default_reference(manifest: Manifest, art: Artifact) -> str | None:
     """The float artifact an INT8/FP16 artifact is compared with: its ``reference``, followed through
     quantized references (a TensorRT INT8 engine names its QDQ ONNX model, which names the FP32 one),
     else the FP32 artifact of the same target, else the FP32 ONNX."""
-    ref, seen = art.get("reference"), {art["name"]}
+    ref, seen = art.reference, {art.name}
     while ref and ref not in seen:
         seen.add(ref)
         nxt = manifest.get(ref)
-        if nxt is None or nxt["precision"] not in INT8_CLASS or not nxt.get("reference"):
+        if nxt is None or not nxt.quantized or not nxt.reference:
             return ref
-        ref = nxt["reference"]
+        ref = nxt.reference
     if ref:
         return ref
-    if art["precision"] == "fp32":
+    if art.precision == "fp32":
         return None
-    fp32 = [a for a in manifest.artifacts if a["precision"] == "fp32"]
-    same = [a for a in fp32 if a["target"] == art["target"]]
-    pick = (same or [a for a in fp32 if a["target"] == "onnx"] or fp32 or [None])[0]
-    return pick["name"] if pick else None
+    fp32 = [a for a in manifest.artifacts if a.precision == "fp32"]
+    same = [a for a in fp32 if a.target == art.target]
+    pick = (same or [a for a in fp32 if a.target == "onnx"] or fp32 or [None])[0]
+    return pick.name if pick else None
 
 
 def _drop(ref: float, q: float, drop_type: str) -> float:

@@ -11,23 +11,17 @@ import numpy as np
 
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.fsutil import artifact_files, artifact_sha256
-from rdcd.manifest import Manifest
-from rdcd.validate.gate_reference import (FAILED, INT8_CLASS, NOT_CHECKABLE, OK, add_simulated, compare_with_reference,
+from rdcd.manifest import Artifact, Manifest, replace
+from rdcd.validate.gate_reference import (FAILED, NOT_CHECKABLE, OK, add_simulated, compare_with_reference,
                                           default_reference, drop_interval)
 
 
-def _spec_for(manifest: Manifest, art: dict):
-    from rdcd.preprocess import PreprocessSpec
-    from rdcd.validate.models import artifact_spec, manifest_input_size
+def _spec_for(manifest: Manifest, art: Artifact):
+    """The artifact's input size and resize rule (normalisation is inside every artifact): the manifest's,
+    else the model file's own metadata."""
+    from rdcd.validate.models import artifact_spec
 
-    size = manifest_input_size(manifest.data, art, manifest.path)
-    if size:  # only the size and the resize rule matter here: normalisation is inside every artifact
-        pre = manifest.data.get("preprocess")
-        try:
-            return PreprocessSpec(size=size, resize=(pre if isinstance(pre, dict) else {}).get("resize", "stretch-bilinear"))
-        except ValueError as exc:  # a size under 16
-            raise RdcdError(f"malformed {manifest.path}: bad input size for {art['name']} ({exc})") from None
-    return artifact_spec(manifest.resolve(art))
+    return manifest.spec(art) or artifact_spec(manifest.resolve(art))
 
 
 def _curve(metrics, points: int = 256) -> dict:
@@ -58,7 +52,7 @@ class Evaluator:
             self._sample = spec.load(self.bench.queries.paths[0])[None]
         return self._sample
 
-    def run(self, manifest: Manifest, art: dict, runtime: str, content_key: str):
+    def run(self, manifest: Manifest, art: Artifact, runtime: str, content_key: str):
         """Return (measurement dict, runner description) or raise; ``content_key``: the artifact's
         :func:`~rdcd.fsutil.artifact_sha256` (two rows of the same files and runtime are measured once)."""
         from rdcd.validate.bench import measure_latency
@@ -74,7 +68,7 @@ class Evaluator:
         spec = _spec_for(manifest, art)
         t0 = time.perf_counter()
         desc = describe(self.bench, runner, spec, cfg.batch_size, with_training=cfg.whiten or bool(cfg.score_norm),
-                        label=art["name"])
+                        label=art.name)
         res = evaluate_descriptors(self.bench, desc, k=cfg.k, whiten=cfg.whiten, score_norm=cfg.score_norm)
         eval_s = time.perf_counter() - t0
         lat = measure_latency(runner, self.sample(spec), cfg.warmup, cfg.latency_iters)
@@ -101,11 +95,11 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
     for art in manifest.artifacts:
         art, engine_note = _engine_row(art)
         path = manifest.resolve(art)
-        row = {"name": art["name"], "target": art["target"], "precision": art["precision"], "path": art["path"],
-               "runtime": art.get("runtime") or "auto", "runtime_version": None, "status": None, "reason": None,
+        row = {"name": art.name, "target": art.target, "precision": art.precision, "path": art.path,
+               "runtime": art.runtime or "auto", "runtime_version": None, "status": None, "reason": None,
                "micro_ap": None, "recall_at_p90": None, "acc_at_1": None, "simulated": False,
                "reference": default_reference(manifest, art), "reference_micro_ap": None, "delta": None,
-               "drop": None, "gated": art["precision"] in INT8_CLASS, "size_bytes": None, "sha256": None,
+               "drop": None, "gated": art.quantized, "size_bytes": None, "sha256": None,
                "latency": None, "curve": None, "notes": [], "devices": {}}
         rows.append(row)
         row["notes"] += [engine_note] if engine_note else []
@@ -115,24 +109,24 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
             row["size_bytes"] = sum(size_bytes(f) for f in files)
             row["sha256"] = sha256(path)
             content_key = row["sha256"] if len(files) == 1 else artifact_sha256(path)
-            if art.get("sha256") and art["sha256"] != row["sha256"]:
+            if art.sha256 and art.sha256 != row["sha256"]:
                 row["notes"].append("file differs from the sha256 recorded in the manifest")
-        if art["status"] == "failed":
-            row.update(status=FAILED, reason=f"export failed: {art.get('reason') or 'no reason recorded'}")
+        if art.status == FAILED:
+            row.update(status=FAILED, reason=f"export failed: {art.reason or 'no reason recorded'}")
             continue
         if not path.exists():
-            if art["status"] == "not_checkable":
-                row.update(status=NOT_CHECKABLE, reason=art.get("reason") or f"{art['path']} was not built here")
+            if art.status == NOT_CHECKABLE:
+                row.update(status=NOT_CHECKABLE, reason=art.reason or f"{art.path} was not built here")
                 add_simulated(row, art, bench, gt_sha)
             else:
-                what = "TensorRT engine" if art.get("runtime") == "tensorrt" else "file"
-                row.update(status=FAILED, reason=f"{what} not found: {art['path']} (the manifest says {art['status']})")
+                what = "TensorRT engine" if art.runtime == "tensorrt" else "file"
+                row.update(status=FAILED, reason=f"{what} not found: {art.path} (the manifest says {art.status})")
             continue
-        runtime = art.get("runtime") if art.get("runtime") in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
+        runtime = art.runtime if art.runtime in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
         t0 = time.perf_counter()
         try:
             meas, desc = ev.run(manifest, art, runtime, content_key)
-            _progress(f"{art['name']}: µAP {meas['micro_ap']:.4f}, p50 {meas['latency']['p50_ms']:.2f} ms "
+            _progress(f"{art.name}: µAP {meas['micro_ap']:.4f}, p50 {meas['latency']['p50_ms']:.2f} ms "
                       f"({time.perf_counter() - t0:.1f} s)")
         except (RuntimeUnavailable, MissingDependency) as exc:
             row.update(status=NOT_CHECKABLE, reason=f"not checkable here: {_first_line(exc)}")
@@ -146,7 +140,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                 raise
             row.update(status=FAILED, reason=f"{type(exc).__name__}: {_first_line(exc)}")
             continue
-        predictions[art["name"]] = meas["predictions"]
+        predictions[art.name] = meas["predictions"]
         row.update(status=OK, runtime=desc.get("runtime", runtime), runtime_version=desc.get("version"),
                    micro_ap=meas["micro_ap"], recall_at_p90=meas["recall_at_p90"], acc_at_1=meas["acc_at_1"],
                    threshold_at_p90=meas["threshold_at_p90"],  # the operating point rdcd-index --threshold auto uses
@@ -182,16 +176,17 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
             "int8_artifacts": len(gated), "int8_checked": sum(r["status"] == OK for r in gated)}
 
 
-def _engine_row(art: dict) -> tuple[dict, str | None]:
+def _engine_row(art: Artifact) -> tuple[Artifact, str | None]:
     """A TensorRT row as the gate runs it: its engine, never an ONNX file. Manifests from before rdcd-quantize
     built engines name the engine's QDQ source in ``path`` (and the engine in ``engine_path``)."""
-    if not (art["target"] == "tensorrt" or art.get("runtime") == "tensorrt") or not art["path"].endswith(".onnx"):
+    if not (art.target == "tensorrt" or art.runtime == "tensorrt") or not art.path.endswith(".onnx"):
         return art, None
-    engine = art.get("engine_path") or ""
-    engine = engine if engine and not engine.endswith(".onnx") else art["path"][: -len(".onnx")] + ".engine"
-    kept = {k: v for k, v in art.items() if k not in ("sha256", "size_bytes")}
-    return {**kept, "path": engine, "runtime": "tensorrt", "qdq_source": art["path"]}, (
-        f"{art['path']} is the engine's QDQ source (a manifest from before rdcd-quantize built engines): the engine is {engine}")
+    engine = art.engine_path or ""
+    engine = engine if engine and not engine.endswith(".onnx") else art.path[: -len(".onnx")] + ".engine"
+    row = replace(art, path=engine, runtime="tensorrt", qdq_source=art.path)
+    row.clear_files()
+    return row, (f"{art.path} is the engine's QDQ source (a manifest from before rdcd-quantize built engines): "
+                 f"the engine is {engine}")
 
 
 def _progress(msg: str) -> None:

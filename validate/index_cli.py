@@ -17,7 +17,7 @@ An exported artifact (``.onnx``, ``.xml``, ``.engine``, ``.mlpackage``, or an ex
 ``--images`` without extension. ``search`` writes ``query_id,reference_id,score`` (read by
 ``rdcd-validate metrics``), best ``--k`` per query, keeping scores >= ``--threshold``; ``auto`` is the
 score at precision 0.9 that the gate measured for this model (``threshold_at_p90`` in a gate
-``report.json`` given with ``--report`` or found beside the model, or in its manifest row). ``add`` and
+``report.json`` given with ``--report`` or found beside the model). ``add`` and
 ``search`` refuse a model whose sha256 differs from the index's. ``--score-norm`` shifts each query's
 scores by its similarity to the background set kept at build time (:class:`rdcd.validate.search.ScoreNorm`,
 the code of ``rdcd-validate eval --score-norm``). Backends and format:

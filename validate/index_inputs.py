@@ -25,49 +25,46 @@ def resolve_artifact(spec: str, name: str | None = None) -> Path:
         if name:
             raise RdcdError("--artifact selects a row of an export folder's manifest; --model is a file")
         return path
-    mf = path / "manifest.json"
-    if not mf.is_file():
-        raise RdcdError(f"{path} is a folder without manifest.json: pass an exported artifact or an export folder")
-    try:
-        arts = [a for a in json.loads(mf.read_text()).get("artifacts", []) if isinstance(a, dict) and a.get("path")]
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
-        raise RdcdError(f"malformed {mf}: {exc}") from None
-    usable = [a for a in arts if a.get("status", "ok") == "ok" and (path / a["path"]).exists()]
+    from rdcd.manifest import MANIFEST, Manifest
+
+    if not (path / MANIFEST).is_file():
+        raise RdcdError(f"{path} is a folder without {MANIFEST}: pass an exported artifact or an export folder")
+    manifest = Manifest.load(path)
     if name:
-        pick = next((a for a in arts if a.get("name") == name), None)
-        if pick is None or pick not in usable:
+        pick = manifest.get(name)
+        if pick is None or pick.status != "ok" or not manifest.resolve(pick).exists():
             why = "not in" if pick is None else "not usable (status or file) in"
-            raise RdcdError(f"artifact {name!r} is {why} {mf}; usable: {', '.join(a['name'] for a in usable) or 'none'}")
+            usable = [a.name for a in manifest if a.status == "ok" and manifest.resolve(a).exists()]
+            raise RdcdError(f"artifact {name!r} is {why} {manifest.path}; usable: {', '.join(usable) or 'none'}")
     else:
-        pick = next((a for a in usable if a.get("name") == "onnx-fp32"), None) or \
-            next((a for a in usable if a.get("precision") == "fp32" and a.get("runtime") == "onnxruntime"), None) or \
-            (usable or [None])[0]
+        pick = manifest.default_artifact()
         if pick is None:
-            raise RdcdError(f"no usable artifact in {mf}")
-    return path / pick["path"]
+            raise RdcdError(f"no usable artifact in {manifest.path}")
+    return manifest.resolve(pick)
 
 
 def load_model(args) -> tuple[object, object, dict]:
     """(runner, PreprocessSpec, model record with sha256) for ``--model``."""
     from rdcd.preprocess import PreprocessSpec
-    from rdcd.validate.bench import _find_manifest_entries, _pick_entry, resolve_size
     from rdcd.fsutil import artifact_sha256
+    from rdcd.manifest import Manifest
+    from rdcd.validate.bench import pick_row, resolve_size
     from rdcd.validate.runtimes import load_runner
 
     path = resolve_artifact(args.model, getattr(args, "artifact", None))
-    data, entries = _find_manifest_entries(path)
+    manifest, rows = Manifest.beside(path)
     runner = load_runner(path, runtime=args.runtime, threads=args.threads)
-    entry = _pick_entry(entries, getattr(runner, "name", args.runtime))
-    size, _ = resolve_size(runner, path, args.size, data, entry)
-    pre = (data or {}).get("preprocess")
-    if isinstance(pre, dict) and {"size", "mean", "std"} <= set(pre):
+    entry = pick_row(rows, getattr(runner, "name", args.runtime))
+    size, _ = resolve_size(runner, path, args.size, manifest, entry)
+    pre = manifest.preprocess if manifest is not None else {}
+    if {"size", "mean", "std"} <= set(pre):
         spec = PreprocessSpec.from_dict({**pre, "size": size})
     else:
         spec = PreprocessSpec(size=size)
     record = {"path": str(path.resolve()), "name": path.name, "sha256": artifact_sha256(path),
-              "artifact": (entry or {}).get("name"), "precision": (entry or {}).get("precision"),
+              "artifact": entry.name if entry else None, "precision": entry.precision if entry else None,
               "runtime": getattr(runner, "name", args.runtime),
-              "source_sha256": ((data or {}).get("source") or {}).get("sha256")}
+              "source_sha256": manifest.source.sha256 if manifest is not None else None}
     return runner, spec, record
 
 
@@ -132,7 +129,7 @@ def _from_report(path: Path, sha: str) -> dict | None:
 
 
 def find_operating_point(model: dict, report: str | None = None) -> dict | None:
-    """``threshold_at_p90`` the gate measured for this model: ``--report``, else beside the model / its manifest."""
+    """``threshold_at_p90`` the gate measured for this model: ``--report``, else a gate report beside the model."""
     if report:
         path = _report_path(Path(report))
         if not path.is_file():
@@ -151,14 +148,6 @@ def find_operating_point(model: dict, report: str | None = None) -> dict | None:
                 continue
             if op:
                 return op
-    from rdcd.validate.bench import _find_manifest_entries
-
-    data, entries = _find_manifest_entries(Path(model["path"]))
-    for e in entries:
-        for block in (e, e.get("accuracy") or {}, e.get("gate") or {}):
-            if isinstance(block.get("threshold_at_p90"), (int, float)):
-                return {"threshold_at_p90": float(block["threshold_at_p90"]), "from": "manifest.json",
-                        "artifact": e.get("name")}
     return None
 
 
@@ -176,6 +165,6 @@ def resolve_threshold(value: str | None, meta: dict, model: dict, report: str | 
     op = find_operating_point(model, report) if report else (meta.get("operating_point") or find_operating_point(model))
     if not op:
         raise RdcdError(f"--threshold auto: no measured operating point (threshold_at_p90) for {model['name']} in "
-                        f"the index, a report.json beside the model or its manifest: pass --report REPORT "
+                        f"the index or a report.json beside the model: pass --report REPORT "
                         f"(rdcd-validate gate --report) or --threshold FLOAT")
     return float(op["threshold_at_p90"])

@@ -94,32 +94,16 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
     return runner, artifact_spec(path, size), f"{runner.name} {path.name}"
 
 
-def manifest_input_size(data: dict | None, entry: dict | None, where: object = "manifest.json") -> int | None:
-    """The input size a manifest gives an artifact: its ``input.size`` (``[s, s]`` or ``s``), else the
-    manifest's ``preprocess.size``; None when neither says. A size that is not a number is one clear error."""
-    name = entry.get("name", "?") if isinstance(entry, dict) else "?"
-    try:
-        size = (entry.get("input") or {}).get("size") if isinstance(entry, dict) else None
-        size = int(size[0]) if isinstance(size, list) and size else (int(size) if isinstance(size, int) else None)
-        pre = data.get("preprocess") if isinstance(data, dict) else None
-        if not size and isinstance(pre, dict) and "size" in pre:
-            size = int(pre["size"])
-    except (AttributeError, TypeError, ValueError) as exc:
-        raise RdcdError(f"malformed {where}: bad input size for {name} ({exc})") from None
-    return size or None
-
-
 def artifact_spec(path: str | os.PathLike, size: int | None = None) -> PreprocessSpec:
-    """The preprocessing an exported artifact expects (manifest, then ONNX metadata, then ``size``)."""
+    """The preprocessing an exported artifact expects (its export manifest, then ONNX metadata, then ``size``)."""
+    from rdcd.manifest import Manifest
+
     path = Path(path)
-    manifest = path.parent / "manifest.json"
-    if manifest.exists():
-        try:
-            data = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise RdcdError(f"malformed {manifest}: {exc}") from None
-        if "preprocess" in data:
-            return PreprocessSpec.from_dict(data["preprocess"])
+    manifest, rows = Manifest.beside(path)
+    if manifest is not None and (rows or manifest.dir == path.parent):
+        spec = manifest.spec(rows[0] if rows else None)
+        if spec is not None:
+            return spec
     if path.suffix == ".onnx":
         try:
             import onnx

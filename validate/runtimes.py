@@ -17,7 +17,7 @@ import numpy as np
 from rdcd.errors import MissingDependency, RdcdError
 from rdcd.validate.cuda import cuda_backend
 
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "coreml")
+RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "coreml")  # rdcd.targets.BY_RUNTIME's keys
 
 
 class Runner:
@@ -102,21 +102,17 @@ def load_runner(path: str | os.PathLike, runtime: str = "auto", threads: int | N
     path = Path(path)
     if not path.exists():
         raise RdcdError(f"model not found: {path}")
-    suffix = path.suffix.lower()
+    from rdcd.targets import BY_RUNTIME, for_file
+
     if runtime == "auto":
-        runtime = {".onnx": "onnxruntime", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt",
-                   ".mlpackage": "coreml", ".mlmodel": "coreml"}.get(suffix)
-        if runtime is None:
+        target = for_file(path.suffix)
+        if target is None:
             raise RdcdError(f"cannot tell the runtime for {path.name}: pass --runtime")
-    if runtime == "onnxruntime":
-        return OnnxRuntimeRunner(path, threads=threads)
-    if runtime == "openvino":
-        return OpenVINORunner(path, threads=threads)
-    if runtime == "tensorrt":
-        return TensorRTRunner(path)
-    if runtime == "coreml":
-        return CoreMLRunner(path)
-    raise RdcdError(f"unknown runtime {runtime!r}: choose from auto, {', '.join(RUNTIMES)}")
+    elif runtime in BY_RUNTIME:
+        target = BY_RUNTIME[runtime]
+    else:
+        raise RdcdError(f"unknown runtime {runtime!r}: choose from auto, {', '.join(RUNTIMES)}")
+    return target.function("runner")(path, threads=threads)  # threads: CPU runtimes' intra-op threads
 
 
 class OpenVINORunner(Runner):
@@ -171,7 +167,7 @@ class CoreMLRunner(Runner):
 
     name = "coreml"
 
-    def __init__(self, path: str | os.PathLike, compute_units: str = "ALL"):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, compute_units: str = "ALL"):
         from rdcd.errors import RuntimeUnavailable
 
         self.path = Path(path)
@@ -214,7 +210,7 @@ class TensorRTRunner(Runner):
 
     name = "tensorrt"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
         try:
             import tensorrt as trt
         except ImportError:

@@ -66,13 +66,13 @@ def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
              accuracy=AccuracyControl(a.benchmark), with_tensorrt=False, codes=False, latency_iters=a.iters,
              threads=a.threads, raise_on_drop=False, command="rdcd-validate sweep")
     art = Manifest.load(out).get("onnx-int8")
-    acc = art["accuracy"]
+    acc = art.accuracy
     lat = json.loads((out / REPORT).read_text())["latency"]
     fp32_ms, int8_ms = lat["fp32"]["p50_ms_best"], lat["int8"]["p50_ms_best"]
-    return {"model": "student", "size": size, "fp32_micro_ap": acc["fp32_micro_ap"], "int8_micro_ap": acc["micro_ap"],
-            "drop": acc["drop"], "drop_ci95": acc.get("drop_ci95"), "fp32_p50_ms": fp32_ms, "int8_p50_ms": int8_ms,
+    return {"model": "student", "size": size, "fp32_micro_ap": acc.fp32_micro_ap, "int8_micro_ap": acc.micro_ap,
+            "drop": acc.drop, "drop_ci95": acc.drop_ci95, "fp32_p50_ms": fp32_ms, "int8_p50_ms": int8_ms,
             "speedup": round(fp32_ms / int8_ms, 3) if int8_ms else float("nan"),
-            "fallback_layers": len(art.get("fallback_layers") or []), "export": str(out)}
+            "fallback_layers": len(art.fallback_layers or []), "export": str(out)}
 
 
 def _baseline_point(spec: str, bench, a) -> dict:
