@@ -69,7 +69,10 @@ def shape_args(size: int, batch: int) -> list[str]:
 def profile_batch(manifest) -> int:
     """The engines' batch profile (1..N, optimised for N) that rdcd-export recorded in the manifest."""
     fp16 = manifest.get(artifact_name("tensorrt", "fp16"))  # manifests written before the batch was recorded
-    return int(manifest.trt_batch or (fp16 and fp16.produced_by.options.get("max_batch")) or DEFAULT_BATCH)
+    batch = manifest.trt_batch or (fp16.produced_by.options.get("max_batch") if fp16 else None) or DEFAULT_BATCH
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise RdcdError(f"malformed {manifest.path}: the TensorRT batch profile {batch!r} is not a positive integer")
+    return batch
 
 
 def inputs(precision: str) -> tuple[str, str]:

@@ -171,6 +171,8 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
     onnx_art = manifest.find("onnx")
     if onnx_art is None:
         raise RdcdError(f"no FP32 ONNX artifact in {manifest.path}: run rdcd-export --target onnx first")
+    if onnx_art.output.dim is None or (onnx_art.input.side is None and manifest.input_size() is None):
+        raise RdcdError(f"malformed {manifest.path}: {onnx_art.name} records no output dim or input size")
     fp32_onnx = check_onnx(manifest.resolve(onnx_art), onnx_art.sha256)  # not a damaged file
     spec = _spec(manifest, onnx_art)
     ck = _checkpoint(manifest, checkpoint)

@@ -9,6 +9,9 @@ newer rdcd, a hand edit) are kept in ``extra`` and written back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,20 +53,69 @@ def artifact_name(target: str, precision: str) -> str:
     return f"{target}-{precision}"
 
 
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a JSON ``value`` has the type a field is annotated with (``int`` is not ``bool``; a float field
+    takes an int; a nested row takes an object)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(hint) or (Any,)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type) and issubclass(hint, _Row):
+        return isinstance(value, dict)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return "null"
+    if origin is list:
+        args = typing.get_args(hint)
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return "dict"
+    return "object" if isinstance(hint, type) and issubclass(hint, _Row) else getattr(hint, "__name__", str(hint))
+
+
 class _Row:
     """``from_dict``/``to_dict`` for the dataclasses below: known keys become fields (nested rows through
-    ``_NESTED``), unknown keys go to ``extra``; ``None`` fields and an empty ``extra`` are not written."""
+    ``_NESTED``), checked against the field's annotation; unknown keys go to ``extra``; ``None`` fields and an
+    empty ``extra`` are not written."""
 
     _NESTED: dict[str, type] = {}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]):
+    def from_dict(cls, data: dict[str, Any], where: str = ""):
+        """The row of ``data``; a field of the wrong type is a :class:`ValueError` naming it (``where``: its parent)."""
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         kwargs = {k: v for k, v in data.items() if k in known}
+        for key, value in kwargs.items():
+            if not _matches(value, hints[key]):
+                raise ValueError(f"{where}{key} must be {_type_name(hints[key])}, found {json.dumps(value)[:40]}")
         for key, typ in cls._NESTED.items():
             if isinstance(kwargs.get(key), dict):
-                kwargs[key] = typ.from_dict(kwargs[key])
-        return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
+                kwargs[key] = typ.from_dict(kwargs[key], f"{where}{key}.")
+        try:
+            return cls(**kwargs, extra={k: v for k, v in data.items() if k not in known})
+        except TypeError as exc:  # a required field missing
+            raise ValueError(f"{where}{str(exc).split('() ')[-1]}") from None
+        except ValueError as exc:  # __post_init__'s checks
+            raise ValueError(f"{where}{exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -84,7 +136,7 @@ class Input(_Row):
     name: str = "image"
     layout: str = "NHWC"
     dtype: str = "uint8"
-    size: list[int] | None = None
+    size: list[int] | int | None = None  # [H, W] (older manifests: one number)
     shape: list | None = None
     kind: str | None = None  # Core ML: "image" (an image input, not a tensor)
     color: str | None = None
@@ -153,6 +205,10 @@ class Accuracy(_Row):
     note: str | None = None
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        if self.drop_ci95 is not None and len(self.drop_ci95) != 2:
+            raise ValueError(f"drop_ci95 must be [low, high], found {self.drop_ci95}")
+
     def over(self, default: float | None = None) -> bool:
         """Whether the drop exceeds the budget it was judged against (``default`` where the row records none)."""
         budget = default if self.max_drop is None else self.max_drop
@@ -204,8 +260,7 @@ class Artifact(_Row):
     def __post_init__(self):
         for key, allowed in (("target", TARGETS), ("precision", PRECISIONS), ("status", STATUSES)):
             if getattr(self, key) not in allowed:
-                raise ValueError(f"artifact {self.name!r} has {key} {getattr(self, key)!r} "
-                                 f"(expected one of {', '.join(allowed)})")
+                raise ValueError(f"{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
 
     @property
     def dim(self) -> int | None:

@@ -137,6 +137,18 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
     for key in ("source", "preprocess", "tensorrt", "notes"):
         if key in data and not isinstance(data[key], dict):
             bad(f"'{key}' must be an object")
+    pre = data.get("preprocess") or {}
+    if "size" in pre and not (_positive_int(pre["size"]) and pre["size"] >= 16):
+        bad(f"preprocess size must be an integer >= 16, found {json.dumps(pre['size'])}")
+    for key in ("mean", "std"):
+        v = pre.get(key, [0, 0, 0])
+        if not (isinstance(v, list) and len(v) == 3 and all(_number(x) for x in v)):
+            bad(f"preprocess {key} must be 3 numbers, found {json.dumps(v)[:40]}")
+    if pre.get("resize", "stretch-bilinear") != "stretch-bilinear":
+        bad(f"preprocess resize {json.dumps(pre['resize'])[:40]} is not rdcd's 'stretch-bilinear'")
+    batch = (data.get("tensorrt") or {}).get("batch", 1)
+    if not _positive_int(batch):
+        bad(f"tensorrt batch must be a positive integer, found {json.dumps(batch)}")
     names: set[str] = set()
     for i, art in enumerate(arts):
         if not isinstance(art, dict):
@@ -166,9 +178,8 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
         if dim is not None and not _positive_int(dim):
             bad(f"artifact {name!r}: output dim must be a positive integer, found {json.dumps(dim)}")
         acc = art.get("accuracy")
-        if acc is not None and not (isinstance(acc, dict) and all(
-                isinstance(acc.get(k), (int, float)) and not isinstance(acc.get(k), bool)
-                for k in ("fp32_micro_ap", "micro_ap", "drop"))):
+        if acc is not None and not (isinstance(acc, dict) and all(_number(acc.get(k))
+                                                                 for k in ("fp32_micro_ap", "micro_ap", "drop"))):
             bad(f"artifact {name!r}: accuracy must be an object with numbers fp32_micro_ap, micro_ap and drop")
     for art in arts:
         ref = art.get("reference")
@@ -178,6 +189,19 @@ def validate(data: Any, where: str | os.PathLike = MANIFEST) -> None:
 
 def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _foreign(path: Path) -> bool:
+    """A ``manifest.json`` that is JSON but not an export manifest (a web app's, a dataset's)."""
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError, OSError):  # damaged: ours to report (Manifest.load)
+        return False
+    return not (isinstance(data, dict) and "artifacts" in data)
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class Manifest:
@@ -209,11 +233,11 @@ class Manifest:
             m.schema = data.get("schema", SCHEMA)
             m.rdcd_version = data.get("rdcd_version", "?")
             m.created, m.updated = data.get("created", ""), data.get("updated")
-            m.source = Source.from_dict(data.get("source") or {})
+            m.source = Source.from_dict(data.get("source") or {}, "source.")
             m.preprocess = dict(data.get("preprocess") or {})
             m.tensorrt = data.get("tensorrt")
             m.notes = dict(data.get("notes") or {})
-            m.artifacts = [Artifact.from_dict(a) for a in data["artifacts"]]
+            m.artifacts = [Artifact.from_dict(a, f"artifact {a['name']!r}: ") for a in data["artifacts"]]
         except (TypeError, ValueError) as exc:  # a field of the wrong shape the structural check does not cover
             raise RdcdError(f"malformed {where}: {str(exc).splitlines()[0]}") from None
         m.extra = {k: v for k, v in data.items() if k not in known}
@@ -241,15 +265,20 @@ class Manifest:
 
     @classmethod
     def beside(cls, model: str | os.PathLike) -> tuple["Manifest | None", list[Artifact]]:
-        """The export manifest beside ``model`` (or one folder up) and its rows naming that file (by path,
-        else by file name); ``(None, [])`` when there is none."""
+        """The export manifest describing the file ``model`` and its rows naming it: the manifest in its folder
+        (rows by path, else by file name), else the one a folder up when a row names it by path (``coreml/…``);
+        ``(None, [])`` when there is none. A ``manifest.json`` of something else (no ``artifacts``) is not one."""
         model = Path(model)
+        resolved = model.resolve()
         for folder in (model.parent, model.parent.parent):
-            if (folder / MANIFEST).is_file():
-                m = cls.load(folder)
-                resolved = model.resolve()
-                by_path = [a for a in m.artifacts if m.resolve(a).resolve() == resolved]
-                return m, by_path or [a for a in m.artifacts if Path(a.path).name == model.name]
+            if not (folder / MANIFEST).is_file() or _foreign(folder / MANIFEST):
+                continue
+            m = cls.load(folder)
+            rows = [a for a in m.artifacts if m.resolve(a).resolve() == resolved]
+            if folder == model.parent:
+                return m, rows or [a for a in m.artifacts if Path(a.path).name == model.name]
+            if rows:
+                return m, rows
         return None, []
 
     # ------------------------------------------------------------------ queries

@@ -120,6 +120,19 @@ def test_bench_real_images_batches_and_size(exports, tiny_bench, tmp_path, capsy
     assert rec2["settings"]["output_dim"] == 3 and rec2["model"]["artifact"] is None
 
 
+def onnx_export_dir_with_size(exports: Path, folder: Path, size: int) -> Path:
+    """A copy of ``exports`` whose manifest says the ONNX model takes ``size`` px; returns the model's path."""
+    import shutil
+
+    from rdcd.manifest import Input, Manifest
+
+    shutil.copytree(exports, folder)
+    m = Manifest.load(folder)
+    m.get("onnx-fp32").input = Input.square(size)
+    m.save()
+    return folder / "model.onnx"
+
+
 def test_bench_bad_usage(exports, tmp_path, capsys):
     def fails(*args):
         assert bench_main([*args, "--json", str(tmp_path / "x.json")]) == 2
@@ -139,6 +152,9 @@ def test_bench_bad_usage(exports, tmp_path, capsys):
     assert "image folder not found" in fails("--model", model, "--images", str(tmp_path / "nope"))
     dyn = dynamic_size_model(tmp_path / "mean.onnx")
     assert "cannot tell the input size" in fails("--model", str(dyn))
+    # a manifest row whose input size contradicts the model file: one line, not the runtime's shape error
+    wrong = onnx_export_dir_with_size(exports, tmp_path / "wrong", 48)
+    assert f"takes {TEST_SIZE} x {TEST_SIZE} inputs, but its manifest.json says 48" in fails("--model", str(wrong))
     assert not (tmp_path / "x.json").exists()
     with pytest.raises(SystemExit) as e:
         bench_main(["--model", model])  # no --json

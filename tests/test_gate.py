@@ -250,7 +250,8 @@ def test_artifacts_that_fail_are_failures(models, tiny_bench, tmp_path, capsys):
         row("openvino-int8", "openvino", "int8", "missing.xml", "openvino"),
         row("coreml-fp16", "coreml", "fp16", "model.mlpackage", "coreml", status="failed",
             reason="conversion failed: unsupported op"),
-    ], {"corrupt.onnx": corrupt})
+        row("onnx-fp32", "onnx", "fp32", "model.onnx", "onnxruntime", input={"size": [48, 48]}),  # not its size
+    ], {"corrupt.onnx": corrupt, "model.onnx": models["fp32"]})
     report = tmp_path / "report"
     assert gate("--benchmark", str(tiny_bench), "--exports", str(exports), "--report", str(report)) == 1
     capsys.readouterr()
@@ -258,6 +259,7 @@ def test_artifacts_that_fail_are_failures(models, tiny_bench, tmp_path, capsys):
     assert by["onnx-int8"]["status"] == "failed" and "cannot load" in by["onnx-int8"]["reason"]
     assert by["openvino-int8"]["status"] == "failed" and "file not found" in by["openvino-int8"]["reason"]
     assert by["coreml-fp16"]["status"] == "failed" and "unsupported op" in by["coreml-fp16"]["reason"]
+    assert by["onnx-fp32"]["status"] == "failed" and "its manifest row says 48" in by["onnx-fp32"]["reason"]
 
 
 # ------------------------------------------------------------------------------------- bad usage

@@ -76,7 +76,6 @@ def test_queries(tmp_path):
     spec = m.spec(m.get("onnx-fp32"))
     assert spec.size == 96 and tuple(spec.mean) == (0.5,) * 3
     assert m.input_size() == 96 and Manifest.beside(tmp_path / "model.onnx")[1] == [m.get("onnx-fp32")]
-    assert Manifest.beside(tmp_path / "sub" / "model.onnx")[0].dir == tmp_path  # one folder up
     assert Manifest.beside(tmp_path.parent / "elsewhere.onnx") == (None, [])
 
 
@@ -110,6 +109,21 @@ def test_new_rows_use_the_layout(tmp_path):
     (lambda a: a.update(reference="ghost"), "reference 'ghost'"),
     (lambda a: a.pop("path"), "lacks path"),
     (lambda a: a.update(bogus_field_with_a_wrong_type=1, produced_by="x"), "produced_by must be an object"),
+    # well-formed JSON, wrong types: refused at load, not a crash in a later stage
+    (lambda a: a.update(runtime=5), "'onnx-fp32': runtime must be str"),
+    (lambda a: a.update(reason=["a"]), "reason must be str"),
+    (lambda a: a.update(engine_path=5), "engine_path must be str"),
+    (lambda a: a.update(parity="x"), "parity must be dict"),
+    (lambda a: a.update(size_bytes="x"), "size_bytes must be int"),
+    (lambda a: a.update(fallback_layers=3), "fallback_layers must be list"),
+    (lambda a: a["produced_by"].update(options=[1]), "produced_by.options must be dict"),
+    (lambda a: a["input"].update(shape="batch"), "input.shape must be list"),
+    (lambda a: a.update(accuracy={"fp32_micro_ap": 0.5, "micro_ap": 0.4, "drop": 0.1, "drop_ci95": []}),
+     r"drop_ci95 must be \[low, high\]"),
+    (lambda a: a.update(accuracy={"fp32_micro_ap": 0.5, "micro_ap": 0.4, "drop": 0.1, "drop_ci95": ["a", "b"]}),
+     "accuracy.drop_ci95 must be"),
+    (lambda a: a.update(accuracy={"fp32_micro_ap": 0.5, "micro_ap": 0.4, "drop": 0.1, "benchmark": 5}),
+     "accuracy.benchmark must be str"),
 ])
 def test_bad_manifests_are_one_clear_error(tmp_path, change, says):
     data = json.loads(json.dumps(OLD))
@@ -117,6 +131,33 @@ def test_bad_manifests_are_one_clear_error(tmp_path, change, says):
     _write(tmp_path, data)
     with pytest.raises(RdcdError, match=f"malformed .*manifest.json: .*{says}"):
         Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda d: d["source"].update(checkpoint=5), "source.checkpoint must be str"),
+    (lambda d: d["source"].update(model="x"), "source.model must be dict"),
+    (lambda d: d["preprocess"].update(size=True), "preprocess size must be an integer >= 16"),
+    (lambda d: d["preprocess"].update(size=8), "preprocess size must be an integer >= 16"),
+    (lambda d: d["preprocess"].update(mean="abc"), "preprocess mean must be 3 numbers"),
+    (lambda d: d["preprocess"].update(resize="crop"), "resize"),
+    (lambda d: d["tensorrt"].update(batch="8"), "tensorrt batch must be a positive integer"),
+])
+def test_bad_manifest_sections_are_one_clear_error(tmp_path, change, says):
+    data = json.loads(json.dumps(OLD))
+    change(data)
+    _write(tmp_path, data)
+    with pytest.raises(RdcdError, match=f"malformed .*manifest.json: .*{says}"):
+        Manifest.load(tmp_path)
+
+
+def test_beside_finds_only_the_manifest_of_the_file(tmp_path):
+    _write(tmp_path, OLD)
+    (tmp_path / "sub").mkdir()
+    assert Manifest.beside(tmp_path / "sub" / "model.onnx") == (None, [])  # same name, not the row's path
+    (tmp_path / "sub" / "manifest.json").write_text(json.dumps({"name": "my web app", "version": 2}))
+    assert Manifest.beside(tmp_path / "sub" / "model.onnx") == (None, [])  # not an export manifest
+    m, rows = Manifest.beside(tmp_path / "openvino-int8" / "model.xml")  # a row's path one folder down
+    assert m.dir == tmp_path and [a.name for a in rows] == ["openvino-int8"]
 
 
 def test_rows_are_typed_on_the_way_in(tmp_path):

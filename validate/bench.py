@@ -157,29 +157,22 @@ def _size_from_onnx_metadata(runner) -> int | None:
     return None
 
 
-def _size_from_runner(runner) -> int | None:
-    shape = getattr(runner, "input_shape", None)
-    if shape is None and hasattr(runner, "compiled"):  # OpenVINO
-        try:
-            ps = runner.compiled.input(0).get_partial_shape()
-            shape = [d.get_length() if d.is_static else None for d in ps]
-        except Exception:  # noqa: BLE001 - best effort only
-            shape = None
-    if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] == shape[2]:
-        return int(shape[1])
-    return None
-
-
 def resolve_size(runner, model: Path, size: int | None, manifest=None, row=None) -> tuple[int, str]:
     """The input size: ``--size``, the export manifest (:meth:`~rdcd.manifest.Manifest.input_size`), the ONNX
-    metadata, the model's static input shape."""
+    metadata, the model's static input shape; one that contradicts a static input shape is bad input."""
+    from rdcd.validate.bench_checks import check_fixed_size
+    from rdcd.validate.runtimes import static_input_size
+
+    fixed = static_input_size(runner)
     if size:
+        check_fixed_size(model, int(size), fixed)
         return int(size), "--size"
     for fn, where in ((lambda: manifest.input_size(row) if manifest is not None else None, "manifest.json"),
                       (lambda: _size_from_onnx_metadata(runner), "ONNX metadata"),
-                      (lambda: _size_from_runner(runner), "model input shape")):
+                      (lambda: fixed, "model input shape")):
         s = fn()
         if s:
+            check_fixed_size(model, int(s), fixed, where)
             return int(s), where
     raise RdcdError(f"cannot tell the input size of {model.name}: no manifest.json beside it, no size in its "
                     f"metadata or input shape; pass --size")
@@ -251,14 +244,13 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
         raise RdcdError(f"model not found: {model}")
     from rdcd.fsutil import sha256, size_bytes
     from rdcd.manifest import Manifest
-    from rdcd.validate.bench_checks import check_batch_memory, check_fixed_size
+    from rdcd.validate.bench_checks import check_batch_memory
     from rdcd.validate.device import device_info, load_average
     from rdcd.validate.runtimes import load_runner
 
     manifest, rows = Manifest.beside(model)
     runner = load_runner(model, runtime=args.runtime, threads=args.threads)
     entry = pick_row(rows, getattr(runner, "name", args.runtime))
-    check_fixed_size(model, args.size, _size_from_runner(runner))
     size, size_from = resolve_size(runner, model, args.size, manifest, entry)
     check_batch_memory(args.batch, size, model)
     batches, input_desc = make_inputs(size, args.batch, args.images, args.seed)

@@ -15,10 +15,15 @@ ACTIVATION_FACTOR = 48
 USABLE_SHARE = 0.6
 
 
-def check_fixed_size(model: Path, size: int | None, fixed: int | None) -> None:
-    if size and fixed and size != fixed:
+def check_fixed_size(model: Path, size: int | None, fixed: int | None, where: str = "--size") -> None:
+    """``size`` (from ``where``) against the input size the model file fixes (:func:`~rdcd.validate.runtimes.static_input_size`)."""
+    if not (size and fixed and size != fixed):
+        return
+    if where == "--size":
         raise RdcdError(f"--size {size} does not match {model.name}, whose input size is fixed at {fixed} x {fixed}: "
                         f"pass --size {fixed} or leave --size out")
+    raise RdcdError(f"{model.name} takes {fixed} x {fixed} inputs, but its {where} says {size}: the file is not the "
+                    f"artifact that manifest describes (re-export it, or pass --size {fixed})")
 
 
 def batch_bytes(batch: int, size: int) -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.fsutil import artifact_files, artifact_sha256
 from rdcd.manifest import Artifact, Manifest, replace
+from rdcd.validate.bench_checks import check_fixed_size
 from rdcd.validate.gate_reference import (FAILED, NOT_CHECKABLE, OK, add_simulated, compare_with_reference,
                                           default_reference, drop_interval)
 
@@ -57,7 +58,7 @@ class Evaluator:
         :func:`~rdcd.fsutil.artifact_sha256` (two rows of the same files and runtime are measured once)."""
         from rdcd.validate.bench import measure_latency
         from rdcd.validate.evaluate import describe, evaluate_descriptors
-        from rdcd.validate.runtimes import load_runner
+        from rdcd.validate.runtimes import load_runner, static_input_size
 
         cfg = self.cfg
         path = manifest.resolve(art)
@@ -66,6 +67,7 @@ class Evaluator:
         if key in self.cache:
             return {**self.cache[key], "cached": True, "predictions": self.predictions[key]}, runner.describe()
         spec = _spec_for(manifest, art)
+        check_fixed_size(path, spec.size, static_input_size(runner), "manifest row")
         t0 = time.perf_counter()
         desc = describe(self.bench, runner, spec, cfg.batch_size, with_training=cfg.whiten or bool(cfg.score_norm),
                         label=art.name)

@@ -90,8 +90,13 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
         return TorchEmbedder(student, device), student.config.preprocess(), f"pytorch {cfg['model']['backbone']}"
     from rdcd.validate.runtimes import load_runner
 
+    from rdcd.validate.bench_checks import check_fixed_size
+    from rdcd.validate.runtimes import static_input_size
+
     runner = load_runner(path, runtime=runtime, threads=threads)
-    return runner, artifact_spec(path, size), f"{runner.name} {path.name}"
+    spec = artifact_spec(path, size)
+    check_fixed_size(path, spec.size, static_input_size(runner), "recorded input size")
+    return runner, spec, f"{runner.name} {path.name}"
 
 
 def artifact_spec(path: str | os.PathLike, size: int | None = None) -> PreprocessSpec:
@@ -100,7 +105,7 @@ def artifact_spec(path: str | os.PathLike, size: int | None = None) -> Preproces
 
     path = Path(path)
     manifest, rows = Manifest.beside(path)
-    if manifest is not None and (rows or manifest.dir == path.parent):
+    if manifest is not None:
         spec = manifest.spec(rows[0] if rows else None)
         if spec is not None:
             return spec

@@ -96,6 +96,20 @@ class OnnxRuntimeRunner(Runner):
                 "threads": self.threads}
 
 
+def static_input_size(runner) -> int | None:
+    """The square input side a runner's model fixes (``[N, S, S, 3]`` with a static S), else None."""
+    shape = getattr(runner, "input_shape", None)
+    if shape is None and hasattr(runner, "compiled"):  # OpenVINO
+        try:
+            ps = runner.compiled.input(0).get_partial_shape()
+            shape = [d.get_length() if d.is_static else None for d in ps]
+        except Exception:  # noqa: BLE001 - best effort only
+            shape = None
+    if shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] > 0 and shape[1] == shape[2]:
+        return int(shape[1])
+    return None
+
+
 def load_runner(path: str | os.PathLike, runtime: str = "auto", threads: int | None = None) -> Runner:
     """A runner for an artifact: ``.onnx`` -> onnxruntime (or TensorRT/OpenVINO when asked),
     ``.xml`` -> OpenVINO, ``.engine``/``.plan`` -> TensorRT, ``.mlpackage``/``.mlmodel`` -> Core ML."""
