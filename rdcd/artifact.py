@@ -106,7 +106,7 @@ class _Row:
         kwargs = {k: v for k, v in data.items() if k in known}
         for key, value in kwargs.items():
             if not _matches(value, hints[key]):
-                raise ValueError(f"{where}{key} must be {_type_name(hints[key])}, found {json.dumps(value)[:40]}")
+                raise ValueError(f"{where}{key} must be {_type_name(hints[key])}, found {json.dumps(value, default=str)[:40]}")
         for key, typ in cls._NESTED.items():
             if isinstance(kwargs.get(key), dict):
                 kwargs[key] = typ.from_dict(kwargs[key], f"{where}{key}.")
