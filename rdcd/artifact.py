@@ -106,7 +106,8 @@ class _Row:
         kwargs = {k: v for k, v in data.items() if k in known}
         for key, value in kwargs.items():
             if not _matches(value, hints[key]):
-                raise ValueError(f"{where}{key} must be {_type_name(hints[key])}, found {json.dumps(value, default=str)[:40]}")
+                found = json.dumps(value, default=str)[:40]
+                raise ValueError(f"{where}{key} must be {_type_name(hints[key])}, found {found}")
         for key, typ in cls._NESTED.items():
             if isinstance(kwargs.get(key), dict):
                 kwargs[key] = typ.from_dict(kwargs[key], f"{where}{key}.")
@@ -160,9 +161,6 @@ class Input(_Row):
         s = self.size
         return int(s[0]) if isinstance(s, list) and s else (int(s) if isinstance(s, int) else None)
 
-    def with_batch(self, batch: int | str) -> "Input":
-        shape = [batch, *self.shape[1:]] if self.shape else None
-        return dataclasses.replace(self, shape=shape, extra=dict(self.extra))
 
 
 @dataclass
@@ -261,10 +259,6 @@ class Artifact(_Row):
         for key, allowed in (("target", TARGETS), ("precision", PRECISIONS), ("status", STATUSES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} {getattr(self, key)!r} is not one of {', '.join(allowed)}")
-
-    @property
-    def dim(self) -> int | None:
-        return self.output.dim
 
     @property
     def quantized(self) -> bool:
