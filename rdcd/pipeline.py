@@ -4,10 +4,10 @@
    (1,120 true pairs by default; scikit-image photos when the pool is absent);
 2. **baselines**: the offline SSCD teacher, its MobileNetV4 peer, PDQ and the untrained student on it;
 3. **distill**: a short RDCD run of the student from the offline teacher (``rdcd-distill``);
-4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (:func:`rdcd.export.export`);
+4. **export**: ONNX, Core ML, OpenVINO and TensorRT artifacts with parity checks (``rdcd.export.export``);
 5. **quantize**: INT8 for every target, calibrated on pool images outside the benchmark
-   (:func:`rdcd.quantize.quantize`);
-6. **validate**: the INT8 accuracy gate and latency table, with a report (:func:`rdcd.validate.gate`).
+   (``rdcd.quantize.quantize``);
+6. **validate**: the INT8 accuracy gate and latency table, with a report (``rdcd.validate.gate``).
 
 Each stage prints the command a user would type for it, then runs it (distill through ``rdcd-distill``'s own
 entry point, the others through the library calls that the commands make); a re-run reuses the benchmark and
