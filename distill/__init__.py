@@ -7,4 +7,24 @@ cache), ``dist`` (torchrun plumbing), ``config`` (:class:`TrainConfig`: every se
 bounds, once), ``objectives`` (the loss of each mode), ``head_stage`` (feature cache + head stage,
 ``heads``), ``evaluation``, ``progress``, ``student_utils``, ``checkpoint``, ``train`` (the loop),
 ``cli`` (the command, generated from ``config``).
+
+The API (what ``rdcd-distill`` and ``rdcd-demo`` run; ``distill`` is :func:`rdcd.distill.train.train`)::
+
+    from rdcd.distill import distill, from_options
+
+    result = distill(from_options({"train_dir": "images/", "out": "runs/s128", "dim": 128, "head_steps": 1500}))
 """
+
+__all__ = ["TrainConfig", "distill", "from_options"]
+#: name -> (module, attribute): imported on first use, so that importing rdcd.distill loads no torch
+_HOME = {"TrainConfig": ("config", "TrainConfig"), "from_options": ("config", "from_options"),
+         "distill": ("train", "train")}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        import importlib
+
+        module, attr = _HOME[name]
+        return getattr(importlib.import_module(f"rdcd.distill.{module}"), attr)
+    raise AttributeError(f"module 'rdcd.distill' has no attribute {name!r}")

@@ -178,8 +178,10 @@ def apply_tensor_stage(canvas, params, view_size: int, out_sizes: Sequence[int],
     from kornia.filters import gaussian_blur2d
     from kornia.geometry.transform import crop_and_resize, rotate
 
+    from rdcd.preprocess import to_float_nchw
+
     p = params.to(canvas.device, torch.float32)
-    x = canvas.permute(0, 3, 1, 2).float().div_(255.0)
+    x = to_float_nchw(canvas)
     n = x.shape[0]
     rot = p[:, P["angle"]] != 0
     if bool(rot.any()):

@@ -116,7 +116,7 @@ def _main(argv: Sequence[str] | None) -> int:
     from rdcd.distill import preflight
 
     exclude = preflight.check_inputs(a.train_dir, a.exclude_benchmark, a.eval_benchmark)  # before torch loads
-    from rdcd.distill.train import train
+    from rdcd.distill import distill
     from rdcd.model import backbone_info
 
     backbone_info(a.backbone)  # unknown backbone: one line before anything heavy
@@ -127,7 +127,7 @@ def _main(argv: Sequence[str] | None) -> int:
     import os
 
     try:
-        result = train(cfg, exclude)
+        result = distill(cfg, exclude)
     except AlreadyDone as done:
         if os.environ.get("RANK", "0") == "0":
             print(f"rdcd-distill: {done}", file=sys.stderr)

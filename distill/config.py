@@ -21,7 +21,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-from rdcd.distill import augment
+from rdcd.distill import augment, losses
 from rdcd.distill.fields import check_fields
 from rdcd.distill.heads import HeadConfig
 from rdcd.errors import RdcdError
@@ -116,12 +116,12 @@ class TrainConfig:
                                   group=O, check="nonneg")
     queue_size: int = opt(2048, "MoCo key queue", group=L, min=1)
     rsd_queue_size: int = opt(4096, "teacher-feature queue for RSD", group=L, min=1)
-    moco_momentum: float = opt(0.99, group=L, check="unit")
-    moco_temp: float = opt(0.07, group=L, check="positive")
-    rsd_temp: float = opt(0.04, group=L, check="positive")
+    moco_momentum: float = opt(losses.MOCO_MOMENTUM, group=L, check="unit")
+    moco_temp: float = opt(losses.MOCO_TEMP, group=L, check="positive")
+    rsd_temp: float = opt(losses.RSD_TEMP, group=L, check="positive")
     rsd_weight: float = opt(1.0, group=L, check="nonneg")
     moco_weight: float = opt(1.0, group=L, check="nonneg")
-    hn_weight: float = opt(5.0, "hard-negative loss weight", group=L, check="nonneg")
+    hn_weight: float = opt(losses.HN_WEIGHT, "hard-negative loss weight", group=L, check="nonneg")
     hn_ramp_steps: int = opt(0, "ramp the hard-negative weight linearly from 0 over N steps (0: full weight at "
                              "once)", group=L, min=0)
     moco_momentum_end: float | None = opt(None, "cosine schedule of the momentum encoder from --moco-momentum to "

@@ -63,10 +63,10 @@ class HeadConfig:
         "random (measured best), or fc by ridge regression onto the teacher and the projector by PCA (pcaw: "
         "whitened) of the fit")})
     queue_size: int = dataclasses.field(default=4096, metadata={"flag": "head queue size", "min": 1})
-    rsd_temp: float = 0.04
+    rsd_temp: float = losses.RSD_TEMP
     rsd_positive: bool = False  # the current teacher feature as the first RSD column
-    moco_temp: float = 0.07
-    momentum: float = 0.99
+    moco_temp: float = losses.MOCO_TEMP
+    momentum: float = losses.MOCO_MOMENTUM
     momentum_end: float = 0.999
     hn_weight: float = dataclasses.field(default=1.0, metadata={"flag": "--head-hn-weight", "help": (
         "head-stage hard-negative weight (the paper's 5 collapsed the heads on mixed clip art + photos; see "

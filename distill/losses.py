@@ -18,8 +18,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+#: the paper's settings (RDCD, WACV 2025), the defaults of both the full steps and the head stage
+RSD_TEMP = 0.04
+MOCO_TEMP = 0.07
+MOCO_MOMENTUM = 0.99
+HN_WEIGHT = 5.0
 
-def rsd_loss(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, tau: float = 0.04,
+
+def rsd_loss(teacher: torch.Tensor, student: torch.Tensor, queue: torch.Tensor, tau: float = RSD_TEMP,
              mask: torch.Tensor | None = None, positive: bool = False) -> torch.Tensor:
     """KL(softmax(t.Q/tau) || softmax(s.Q/tau)), averaged over the batch.
 
@@ -52,7 +58,7 @@ def negative_similarities(z: torch.Tensor, queue: torch.Tensor, ids: torch.Tenso
 
 
 def moco_infonce(q: torch.Tensor, k: torch.Tensor, neg: torch.Tensor, mask: torch.Tensor | None = None,
-                 tau: float = 0.07) -> torch.Tensor:
+                 tau: float = MOCO_TEMP) -> torch.Tensor:
     """MoCo InfoNCE: cross-entropy of the positive (q.k) against the queue similarities ``neg`` [N, K]."""
     pos = (q.float() * k.float()).sum(1, keepdim=True)
     logits = torch.cat([pos, neg], dim=1) / tau
@@ -61,7 +67,7 @@ def moco_infonce(q: torch.Tensor, k: torch.Tensor, neg: torch.Tensor, mask: torc
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
 
 
-def hard_negative_loss(neg: torch.Tensor, mask: torch.Tensor | None = None, weight: float = 5.0) -> torch.Tensor:
+def hard_negative_loss(neg: torch.Tensor, mask: torch.Tensor | None = None, weight: float = HN_WEIGHT) -> torch.Tensor:
     """weight * mean(-log(max(1 - max_k neg, 1e-3))): pushes each descriptor away from its nearest negative."""
     if mask is not None:
         neg = neg.masked_fill(mask, -1.0)  # a same-image key is no negative; -1 is the lowest cosine

@@ -26,17 +26,16 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rdcd import cli as rdcd_cli
-from rdcd.artifact import Artifact, Input, Output, ProducedBy, artifact_name, layout_path
+from rdcd.artifact import STATUS_ICON, Artifact, Output, ProducedBy, layout_path
 from rdcd.errors import RdcdError
 from rdcd.export import parity as P
 from rdcd.export.tensorrt import DEFAULT_BATCH
 from rdcd.manifest import TARGETS, Manifest
-from rdcd.targets import REGISTRY
+from rdcd.targets import REGISTRY, new_artifact
 
 log = logging.getLogger(__name__)
 
 ONNX_NAME = layout_path("onnx", "fp32")
-STATUS_ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
 STATUS_TEXT = {"ok": "exported+checked", "not_checkable": "exported, not checkable here", "failed": "failed"}
 CHECK_THREADS = 2
 TRT_TOOL = "trtexec / TensorRT Python API (rdcd-export)"
@@ -109,9 +108,8 @@ class Exporter:
     def artifact(self, target: str, precision: str, produced_by: ProducedBy, batch: Any = "batch",
                  name: str | None = None, path: str | None = None, **fields) -> Artifact:
         """A row of ``target`` at ``precision``: its name and path from the layout unless given, status ok."""
-        return Artifact(name or artifact_name(target, precision), target, precision,
-                        path or layout_path(target, precision), REGISTRY[target].runtime, Input.of(target, self.spec.size, batch),
-                        Output(dim=self.dim), produced_by, **fields)
+        return new_artifact(target, precision, self.spec.size, Output(dim=self.dim), batch=batch, name=name, path=path,
+                            produced_by=produced_by, **fields)
 
     def failed_art(self, target: str, precision: str, produced_by: ProducedBy, exc: BaseException,
                    **fields) -> Artifact:

@@ -46,11 +46,16 @@ def build_parser() -> ArgumentParser:
                    help="print each target's runtime, precisions and whether it can be exported and run here, then exit")
     p.add_argument("--out", metavar="DIR", help="export directory (default: exports/<run name>)")
     p.add_argument("--size", type=positive_int, metavar="PX", help="input size override (default: the run's input size; "
-                   "288 for teachers)")
-    p.add_argument("--precision", choices=("fp16", "fp32"), default="fp16", help="Core ML compute precision "
-                   "(default fp16)")
-    p.add_argument("--trt-max-batch", type=positive_int, default=8, metavar="N",
-                   help="TensorRT engine profile: batch 1..N, optimised for N (default 8)")
+                   "teachers: 288 for SSCD, 224 for timm:<name>)")
+    from rdcd.export.api import Options
+    from rdcd.export.coreml import PRECISIONS as COREML_PRECISIONS
+    from rdcd.quantize.api import QuantizeRecipe
+
+    d = Options()  # the defaults, in one place
+    p.add_argument("--precision", choices=COREML_PRECISIONS, default=d.coreml_precision,
+                   help=f"Core ML compute precision (default {d.coreml_precision})")
+    p.add_argument("--trt-max-batch", type=positive_int, default=d.batch, metavar="N",
+                   help=f"TensorRT engine profile: batch 1..N, optimised for N (default {d.batch})")
     hidden = __import__("argparse").SUPPRESS  # old spellings, still accepted
     p.add_argument("--batch", dest="trt_max_batch", type=positive_int, default=hidden, help=hidden)
     p.add_argument("--parity-images", metavar="DIR", help="images for the parity checks (default: the photos "
@@ -63,8 +68,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--calib-dir", metavar="DIR", dest="calib", help="calibration images for --int8 (required with it)")
     p.add_argument("--calib", dest="calib", default=hidden, help=hidden)
     p.add_argument("--calib-count", type=positive_int, default=None, metavar="N",
-                   help="calibration images for --int8 (default: rdcd-quantize's, 300)")
-    p.add_argument("--threads", type=positive_int, default=2, metavar="N", help="CPU threads for the parity runs (default 2)")
+                   help=f"calibration images for --int8 (default: rdcd-quantize's, {QuantizeRecipe().calib_count})")
+    p.add_argument("--threads", type=positive_int, default=d.threads, metavar="N",
+                   help=f"CPU threads for the parity runs (default {d.threads})")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -88,7 +94,7 @@ def summary_table(result, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rdcd.export.api import STATUS_ICON
+    from rdcd.artifact import STATUS_ICON
 
     if console is None:
         console = Console()

@@ -24,24 +24,13 @@ from torch import nn
 
 from rdcd.errors import RdcdError
 from rdcd.fsutil import atomic_path
-from rdcd.model import reparameterize
+from rdcd.model import DeployModel, reparameterize
 
 log = logging.getLogger(__name__)
 
 #: torch's exporter implements opset 18 and newer; the contract requires >= 17.
 DEFAULT_OPSET = 18
 MAX_BATCH = 4096
-
-
-class OnnxDeploy(nn.Module):
-    """``DeployModel`` with the uint8 -> float cast first (same numbers, TensorRT-friendly graph)."""
-
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.net(image.float().permute(0, 3, 1, 2) * (1.0 / 255.0))
 
 
 def default_metadata(student: nn.Module, size: int) -> dict[str, str]:
@@ -71,7 +60,7 @@ def export_onnx(student: torch.nn.Module, path: str | os.PathLike, size: int, op
     import onnx
 
     path = Path(path)
-    model = OnnxDeploy(reparameterize(student.eval())).eval()
+    model = DeployModel(reparameterize(student.eval())).eval()
     legacy = _has_torchscript(model) if legacy is None else legacy
     example = torch.randint(0, 256, (2, size, size, 3), dtype=torch.uint8)
     with atomic_path(path) as tmp:

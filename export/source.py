@@ -231,13 +231,16 @@ def folder_sha256(paths) -> str:
 
 # ------------------------------------------------------------------------------------ teachers
 def teacher_source(spec: str, size: int | None = None) -> ExportSource:
-    from rdcd.teacher import SSCD_SIZE, teacher_net
+    """A teacher to export, read by :func:`rdcd.teacher.parse_teacher` / :func:`~rdcd.teacher.load_torch_module`
+    (the same teacher training and evaluation build); ``sscd-onnx`` is referenced, never converted."""
+    from rdcd.teacher import default_size, load_torch_module, parse_teacher, teacher_net
 
-    if spec in ("sscd-onnx", "teacher"):
+    kind, ref = parse_teacher(spec)
+    pre = PreprocessSpec(size=size or default_size(kind))
+    if kind == "sscd-onnx":
         from rdcd.teacher import sscd_onnx_path
 
         path = sscd_onnx_path()
-        pre = PreprocessSpec(size=size or SSCD_SIZE)
         try:
             from importlib.metadata import version
 
@@ -248,35 +251,19 @@ def teacher_source(spec: str, size: int | None = None) -> ExportSource:
                             path=path.resolve(), sha256=sha256(path), spec=pre, dim=512, backbone="resnet50 (SSCD)",
                             model={"name": "sscd_disc_mixup", "package": pkg, "format": "onnx int8 QDQ"},
                             reference_only=True)
+    if kind == "onnx":
+        raise RdcdError(f"--teacher takes sscd-onnx, timm:<name> or a TorchScript .pt, not an ONNX file "
+                        f"({Path(ref).name}): an ONNX teacher is already an artifact; run it with rdcd-validate")
     import torch
 
-    if spec.startswith("timm:"):
-        import timm
-
-        name = spec[5:]
-        if name not in timm.list_models():
-            raise RdcdError(f"unknown timm teacher {name!r}")
-        torch.manual_seed(0)  # the random init is the model: the same spec exports the same weights
-        module = timm.create_model(name, pretrained=False, num_classes=0).eval()
-        path, digest, scripted = None, "", False
-        model = {"name": name, "framework": "timm", "weights": "random init (no model hub offline)"}
-        backbone = name
+    module = load_torch_module(kind, ref)
+    if kind == "timm":
+        path, digest, scripted, backbone = None, "", False, str(ref)
+        model = {"name": str(ref), "framework": "timm", "weights": "random init (no model hub offline)"}
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise RdcdError(f"teacher not found: {spec} (use sscd-onnx, timm:<name> or a TorchScript .pt file)")
-        if path.suffix == ".onnx":
-            raise RdcdError(f"--teacher takes a TorchScript file, timm:<name> or sscd-onnx, not an ONNX file "
-                            f"({path.name}): an ONNX teacher is already an artifact; run it with rdcd-validate")
-        try:
-            module = torch.jit.load(str(path), map_location="cpu").eval()
-        except Exception as exc:
-            raise RdcdError(f"cannot load TorchScript teacher {path}: {str(exc).splitlines()[0]}") from None
-        digest, scripted = sha256(path), True
+        path, digest, scripted, backbone = Path(ref), sha256(ref), True, Path(ref).stem
         model = {"name": path.name, "framework": "torchscript"}
-        backbone = path.stem
     net = teacher_net(module)
-    pre = PreprocessSpec(size=size or SSCD_SIZE)
     with torch.no_grad():
         try:
             dim = int(net(torch.zeros(1, 3, pre.size, pre.size)).shape[1])

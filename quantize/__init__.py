@@ -4,8 +4,9 @@ The API (:mod:`~rdcd.quantize.api`, also behind ``rdcd-quantize`` and ``rdcd-exp
 
     from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
 
-    quantize("runs/demo/export", "calib/", targets=["onnx", "openvino"],
-             accuracy=AccuracyControl("runs/demo/bench", max_drop=0.005))
+    result = quantize("runs/demo/export", "calib/", targets=["onnx", "openvino"],
+                      accuracy=AccuracyControl("runs/demo/bench", max_drop=0.005))
+    result.artifacts  # the INT8 manifest rows; result.report: fallback steps, codes, latency
 
 * :mod:`~rdcd.quantize.calib` - calibration images (a folder, counted in images, never random scales)
 * :mod:`~rdcd.quantize.onnx_ptq` - static PTQ to explicit QDQ ONNX (ONNX Runtime or NNCF);
@@ -22,7 +23,7 @@ exporter names every weight ``student.<module>.weight``, so one name addresses t
 OpenVINO and PyTorch.
 """
 
-__all__ = ["AccuracyControl", "QuantizeRecipe", "quantize"]
+__all__ = ["AccuracyControl", "QuantizeRecipe", "QuantizeResult", "quantize"]
 
 
 def __getattr__(name: str):  # the API without importing it for rdcd.quantize.codes (rdcd-index, no torch)

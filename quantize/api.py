@@ -49,12 +49,11 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from rdcd import __version__
+from rdcd import __version__, cli
 from rdcd.cli import is_disk_full
 from rdcd.errors import GateFailed, RdcdError
 from rdcd.fsutil import write_json
 from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Artifact, Manifest, layout_path
-from rdcd.preprocess import PreprocessSpec
 from rdcd.quantize.accuracy import BenchImages
 from rdcd.quantize.calib import DEFAULT_CALIB_COUNT, load_calibration
 from rdcd.quantize.context import Context, remove_old_layout
@@ -95,13 +94,13 @@ class AccuracyControl:
     fallback: bool = True
 
 
-def _spec(manifest: Manifest, onnx_art: Artifact) -> PreprocessSpec:
-    spec = manifest.spec(onnx_art)
-    if spec is not None:
-        return spec
-    from rdcd.validate.models import artifact_spec  # the ONNX model's metadata
+@dataclasses.dataclass
+class QuantizeResult:
+    """What :func:`quantize` wrote: the INT8 rows (as the manifest now holds them) and the report (also
+    ``quantize_report.json``: calibration, per-target fallback steps, sensitivity, index codes, latency)."""
 
-    return artifact_spec(manifest.resolve(onnx_art))
+    artifacts: list[Artifact]
+    report: dict
 
 
 def _checkpoint(manifest: Manifest, checkpoint) -> Path | None:
@@ -142,9 +141,9 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
              recipe: QuantizeRecipe | None = None, accuracy: AccuracyControl | None = None,
              checkpoint: str | os.PathLike | None = None, threads: int = 2, codes: bool = True,
              latency_iters: int = 0, command: str | None = None, raise_on_drop: bool = True,
-             with_tensorrt: bool = True) -> list[Artifact]:
+             with_tensorrt: bool = True) -> QuantizeResult:
     """Quantize the export folder ``exports`` with calibration images from ``calib``; return the
-    :class:`~rdcd.artifact.Artifact` rows written to its manifest.
+    :class:`~rdcd.artifact.Artifact` rows written to its manifest and the report (:class:`QuantizeResult`).
 
     ``targets``: ``onnx`` (the ONNX Runtime CPU model; with ``with_tensorrt`` also the TensorRT QDQ input),
     ``tensorrt``, ``openvino``, ``coreml`` (W8A8 and W8; needs the student checkpoint). Default: onnx,
@@ -152,18 +151,14 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
     nothing is measured and nothing falls back. Raises :class:`GateFailed` (after saving everything) when an
     artifact's µAP drop still exceeds the budget after fallback, and :class:`RdcdError` on bad input.
     """
-    from rdcd.quantize.onnx_ptq import METHODS
-
     recipe = recipe or QuantizeRecipe()
     if calib is None or str(calib) == "":
         raise RdcdError("INT8 calibration needs a folder of real images: pass --calib-dir")
     explicit = targets is not None
-    targets = tuple(dict.fromkeys(targets if explicit else DEFAULT_TARGETS))
-    bad = [t for t in targets if t not in TARGETS]
-    if bad or not targets:
-        raise RdcdError(f"unknown target(s) {', '.join(bad) or '(none)'}: choose from {', '.join(TARGETS)}")
-    check_options(recipe.method, recipe.reduce_range, recipe.engine, accuracy.max_drop if accuracy else MAX_DROP,
-                  METHODS)
+    if explicit and not targets:
+        raise RdcdError("no target to quantize: name one or more of " + ", ".join(TARGETS))
+    targets = tuple(cli.parse_targets(targets, DEFAULT_TARGETS))  # rdcd-export's spelling rules: lists, "all"
+    check_options(recipe.method, recipe.reduce_range, recipe.engine, accuracy.max_drop if accuracy else MAX_DROP)
     if accuracy is not None and accuracy.drop_type not in DROP_TYPES:
         raise RdcdError(f"drop_type must be {' or '.join(DROP_TYPES)}, not {accuracy.drop_type!r}")
     manifest = Manifest.load(exports)  # the one manifest loader: malformed manifests are RdcdErrors
@@ -174,7 +169,9 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
     if onnx_art.output.dim is None or (onnx_art.input.side is None and manifest.input_size() is None):
         raise RdcdError(f"malformed {manifest.path}: {onnx_art.name} records no output dim or input size")
     fp32_onnx = check_onnx(manifest.resolve(onnx_art), onnx_art.sha256)  # not a damaged file
-    spec = _spec(manifest, onnx_art)
+    from rdcd.validate.artifact_input import artifact_input
+
+    spec = artifact_input(fp32_onnx, manifest=manifest, row=onnx_art).spec
     ck = _checkpoint(manifest, checkpoint)
     if "coreml" in targets and ck is None and not explicit:
         log.warning("no checkpoint known: skipping Core ML W8A8/W8 (pass checkpoint= / --checkpoint RUN)")
@@ -277,4 +274,4 @@ def quantize(exports: str | os.PathLike, calib: str | os.PathLike, *, targets: S
     if failed and raise_on_drop:
         raise GateFailed("µAP drop above --max-drop " f"{ctx.max_drop:g} after fallback: " + ", ".join(
             f"{a.name} {a.accuracy.drop:+.4f}" for a in failed) + f" (details in {manifest.dir / REPORT})")
-    return artifacts
+    return QuantizeResult(artifacts, report)

@@ -19,14 +19,16 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import GateFailed
-from rdcd.manifest import DROP_TYPES, MAX_DROP, TARGETS, Accuracy, Artifact
+from rdcd.manifest import DROP_TYPES, TARGETS, Accuracy
 
 LIBRARY_LOG = "quantize-libraries.log"
 
 
 def build_parser() -> cli.ArgumentParser:
-    from rdcd.quantize.calib import DEFAULT_CALIB_COUNT
-    from rdcd.quantize.preflight import drop_fraction
+    from rdcd.quantize.api import AccuracyControl, QuantizeRecipe
+    from rdcd.quantize.preflight import ENGINE_CHOICES, METHOD_CHOICES, REDUCE_RANGES, drop_fraction
+
+    recipe, acc = QuantizeRecipe(), AccuracyControl(benchmark="")  # the defaults, in one place
 
     p = cli.ArgumentParser(prog="rdcd-quantize", description=(
         "Add INT8 artifacts (ONNX QDQ for ONNX Runtime and TensorRT, Core ML W8A8/W8, OpenVINO INT8) to an "
@@ -34,18 +36,19 @@ def build_parser() -> cli.ArgumentParser:
         "most sensitive layers in float until the drop is within --max-drop."))
     p.add_argument("--exports", required=True, help="export directory with manifest.json and the FP32 model.onnx")
     p.add_argument("--calib-dir", required=True, help="folder of calibration images (real images, not the benchmark's)")
-    p.add_argument("--calib-count", type=cli.positive_int, default=DEFAULT_CALIB_COUNT,
-                   help=f"calibration images to use; fewer readable images is an error (default {DEFAULT_CALIB_COUNT})")
+    p.add_argument("--calib-count", type=cli.positive_int, default=recipe.calib_count,
+                   help=f"calibration images to use; fewer readable images is an error (default {recipe.calib_count})")
     p.add_argument("--benchmark", default=None,
                    help="DISC-layout benchmark for µAP; its source images are left out of calibration. "
                         "Without it accuracy is not measured and the fallback loop is off")
-    p.add_argument("--max-drop", type=drop_fraction, default=MAX_DROP,
-                   help=f"largest allowed µAP drop (default {MAX_DROP}; see --drop-type)")
-    p.add_argument("--drop-type", default="absolute", choices=DROP_TYPES,
-                   help="--max-drop in µAP points (absolute, default) or as a share of the FP32 µAP (relative)")
-    p.add_argument("--method", default="auto", choices=("auto", "minmax", "entropy", "percentile"),
+    p.add_argument("--max-drop", type=drop_fraction, default=acc.max_drop,
+                   help=f"largest allowed µAP drop (default {acc.max_drop}; see --drop-type)")
+    p.add_argument("--drop-type", default=acc.drop_type, choices=DROP_TYPES,
+                   help=f"--max-drop in µAP points (absolute) or as a share of the FP32 µAP (relative); default "
+                        f"{acc.drop_type}")
+    p.add_argument("--method", default=recipe.method, choices=METHOD_CHOICES,
                    help="activation calibration; auto tries minmax, then percentile and entropy if the drop is too large")
-    p.add_argument("--engine", default="auto", choices=("auto", "ort", "nncf"),
+    p.add_argument("--engine", default=recipe.engine, choices=ENGINE_CHOICES,
                    help="ONNX quantizer; auto = ONNX Runtime (NNCF's QDQ graphs do not fuse into ORT's integer "
                         "kernels: 3-4x slower than FP32 here)")
     p.add_argument("--target", action="append", default=None,
@@ -57,11 +60,11 @@ def build_parser() -> cli.ArgumentParser:
                    help="the student run (needed for Core ML W8A8 and its simulation; default: the manifest's source)")
     p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads for evaluation runs (default 2)")
     p.add_argument("--no-fallback", action="store_true", help="do not keep sensitive layers in float")
-    p.add_argument("--max-fallback-steps", type=cli.nonnegative_int, default=8,
+    p.add_argument("--max-fallback-steps", type=cli.nonnegative_int, default=acc.max_fallback_steps,
                    help="re-quantizations the fallback loop may try per target (1, 2, 4, ... layers in float)")
     p.add_argument("--quantize-tail", action="store_true",
                    help="also quantize the GeM pooling / L2-normalisation tail (kept float by default)")
-    p.add_argument("--reduce-range", default="auto", choices=("auto", "first", "all", "none"),
+    p.add_argument("--reduce-range", default=recipe.reduce_range, choices=REDUCE_RANGES,
                    help="7-bit weights in the ONNX Runtime model (ORT's u8s8 kernels saturate on AVX2 CPUs without "
                         "VNNI): on the first conv only, on all layers, none; auto tries first, then all")
     p.add_argument("--no-codes", action="store_true", help="skip the int8/binary descriptor code evaluation")
@@ -97,10 +100,11 @@ def _main(argv: Sequence[str] | None = None) -> int:
                             keep_tail_float=not a.quantize_tail, calib_count=a.calib_count)
     accuracy = AccuracyControl(a.benchmark, a.max_drop, a.drop_type, a.max_fallback_steps,
                                fallback=not a.no_fallback) if a.benchmark else None
-    arts = quantize(a.exports, a.calib_dir, targets=targets, recipe=recipe, accuracy=accuracy, checkpoint=a.checkpoint,
+    result = quantize(a.exports, a.calib_dir, targets=targets, recipe=recipe, accuracy=accuracy, checkpoint=a.checkpoint,
                     threads=a.threads, codes=not a.no_codes, latency_iters=a.latency, command=command,
                     raise_on_drop=False, with_tensorrt=not a.no_tensorrt)
-    print_summary(arts, a.exports, a.max_drop)  # the calibration summary is logged once by quantize()
+    arts = result.artifacts
+    print_summary(result, a.exports, a.max_drop)  # the calibration summary is logged once by quantize()
     if library_log is not None:
         print(f"library logs (NNCF, ONNX Runtime, Core ML Tools, warnings): {library_log}")
     failed = [x for x in arts if x.accuracy is not None and x.accuracy.over(a.max_drop)]
@@ -115,16 +119,15 @@ def _drop_text(acc: Accuracy) -> str:
     return f"{acc.drop:+.4f}" + (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "")
 
 
-def print_summary(arts: list[Artifact], export_dir, max_drop: float) -> None:
-    import json
-
+def print_summary(result, export_dir, max_drop: float) -> None:
+    """The INT8 rows of a :class:`~rdcd.quantize.api.QuantizeResult` as a table, with its index codes and latency."""
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"INT8 artifacts in {export_dir}", show_lines=False)
     for col in ("artifact", "path", "µAP FP32", "µAP INT8", "drop [95% CI]", "measured with", "float layers", "status"):
         t.add_column(col)
-    for x in arts:
+    for x in result.artifacts:
         acc = x.accuracy
         ok = acc is None or not acc.over(max_drop)
         mark = ("✅" if x.status == "ok" else "❎") if ok else "❌"
@@ -134,22 +137,20 @@ def print_summary(arts: list[Artifact], export_dir, max_drop: float) -> None:
                   str(len(x.fallback_layers or [])), f"{mark} {x.status}")
     console = Console(width=160)
     console.print(t)
-    report = Path(export_dir) / "quantize_report.json"
-    if report.exists():
-        data = json.loads(report.read_text())
-        if data.get("codes"):
-            ct = Table(title="Reference-index codes")
-            for col in ("code", "bytes/image", "codes of 1M images (MB)", "µAP", "drop"):
-                ct.add_column(col)
-            for r in data["codes"]:
-                ct.add_row(r["code"], str(r["bytes_per_image"]), str(r["index_1m_mb"]), f"{r['micro_ap']:.4f}",
-                           f"{r['drop']:+.4f}")
-            console.print(ct)
-        if data.get("latency"):
-            lat = data["latency"]
-            console.print(f"latency (batch 1, {lat['threads']} threads, p50 best/median of rounds): "
-                          f"FP32 {lat['fp32']['p50_ms_best']}/{lat['fp32']['p50_ms_median']} ms, "
-                          f"INT8 {lat['int8']['p50_ms_best']}/{lat['int8']['p50_ms_median']} ms")
+    data = result.report
+    if data.get("codes"):
+        ct = Table(title="Reference-index codes")
+        for col in ("code", "bytes/image", "codes of 1M images (MB)", "µAP", "drop"):
+            ct.add_column(col)
+        for r in data["codes"]:
+            ct.add_row(r["code"], str(r["bytes_per_image"]), str(r["index_1m_mb"]), f"{r['micro_ap']:.4f}",
+                       f"{r['drop']:+.4f}")
+        console.print(ct)
+    if data.get("latency"):
+        lat = data["latency"]
+        console.print(f"latency (batch 1, {lat['threads']} threads, p50 best/median of rounds): "
+                      f"FP32 {lat['fp32']['p50_ms_best']}/{lat['fp32']['p50_ms_median']} ms, "
+                      f"INT8 {lat['int8']['p50_ms_best']}/{lat['int8']['p50_ms_median']} ms")
 
 
 if __name__ == "__main__":  # pragma: no cover

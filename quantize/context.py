@@ -12,7 +12,8 @@ from pathlib import Path
 
 from rdcd import __version__
 from rdcd.errors import RdcdError
-from rdcd.manifest import MAX_DROP, Artifact, Input, Manifest, ProducedBy, package_versions
+from rdcd.manifest import MAX_DROP, Artifact, Manifest, ProducedBy, package_versions
+from rdcd.targets import new_artifact
 from rdcd.quantize.accuracy import check_unit_norm
 
 log = logging.getLogger("rdcd.quantize.api")
@@ -107,12 +108,11 @@ class Context:
         return ProducedBy(tool, {"rdcd": __version__, **package_versions(*PRODUCED_WITH)}, options,
                           self.command or "rdcd.quantize.quantize")
 
-    def base(self, name, target, precision, path, runtime, reference, status="ok", reason=None) -> Artifact:
-        """A quantized row taking the ONNX model's input size (as ``target`` takes inputs), with its output and the
-        calibration it used."""
-        return Artifact(name, target, precision, path, runtime, Input.of(target, self.onnx_art.input.side or self.spec.size),
-                        copy.deepcopy(self.onnx_art.output), reference=reference, status=status, reason=reason,
-                        calibration=self.calib.describe())
+    def base(self, target: str, precision: str, reference: str, status: str = "ok", reason: str | None = None) -> Artifact:
+        """A quantized row (:func:`rdcd.targets.new_artifact`) taking the FP32 ONNX model's input (``spec``, its
+        one answer), with its output and the calibration it used."""
+        return new_artifact(target, precision, self.spec.size, copy.deepcopy(self.onnx_art.output), reference=reference,
+                            status=status, reason=reason, calibration=self.calib.describe())
 
     def rank(self, recipe, step0_path: Path | None = None) -> list[str]:
         """Layers worst first, by local SQNR of an ONNX Runtime QDQ model (computed once, shared by targets)."""

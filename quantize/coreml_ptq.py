@@ -185,7 +185,7 @@ class W8A8:
             self.prepared = self.quantizer.prepare(example_inputs=(example,))
         except Exception as exc:
             raise RdcdError(f"coremltools could not prepare the student for W8A8: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc  # RDCD_DEBUG=1 shows it
         self.prepared.eval()
 
     def calibrate(self, images: np.ndarray, batch_size: int = 16) -> "W8A8":

@@ -252,5 +252,5 @@ class OnnxQuantizer:
                                   advanced_parameters=adv)
         except Exception as exc:
             raise RdcdError(f"NNCF could not quantize {self.fp32_path.name}: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc  # RDCD_DEBUG=1 shows it
         onnx.save(q, str(out))

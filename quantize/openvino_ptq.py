@@ -102,7 +102,7 @@ class OpenVINOQuantizer:
                                       overflow_fix=OverflowFix(overflow_fix)))
         except Exception as exc:
             raise RdcdError(f"NNCF could not quantize {self.source.name} for OpenVINO: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc  # RDCD_DEBUG=1 shows it
         out_xml = Path(out_xml)
         with atomic_path(out_xml.parent, suffix="") as tmp:
             tmp.mkdir(parents=True)

@@ -17,12 +17,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator
 
 from rdcd import cli
 from rdcd.errors import RdcdError
 from rdcd.fsutil import sha256, temp_prefix
 from rdcd.errors import printable
+from rdcd.quantize.onnx_ptq import ENGINES, METHODS
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,20 @@ WORK = "quantize-work"
 drop_fraction = cli.number(float, 0.0, "a µAP drop in [0, 1)", below=1.0)
 
 
-def check_options(method: str, reduce_range: str, engine: str, max_drop: float, methods: Sequence[str]) -> None:
+#: the values :class:`rdcd.quantize.QuantizeRecipe` takes (``rdcd-quantize``'s choices)
+METHOD_CHOICES = ("auto", *METHODS)
+ENGINE_CHOICES = ("auto", *ENGINES)
+REDUCE_RANGES = ("auto", "first", "all", "none")
+
+
+def check_options(method: str, reduce_range: str, engine: str, max_drop: float) -> None:
     """The options of :func:`rdcd.quantize.quantize` (the API, also used by ``rdcd-export --int8``)."""
-    if method != "auto" and method not in methods:
-        raise RdcdError(f"unknown calibration method {method!r}: choose from auto, {', '.join(methods)}")
-    if reduce_range not in ("auto", "first", "all", "none"):
-        raise RdcdError(f"reduce_range must be auto, first, all or none, not {reduce_range!r}")
-    if engine not in ("auto", "ort", "nncf"):
-        raise RdcdError(f"unknown engine {engine!r}: choose from auto, ort, nncf")
+    if method not in METHOD_CHOICES:
+        raise RdcdError(f"unknown calibration method {method!r}: choose from {', '.join(METHOD_CHOICES)}")
+    if reduce_range not in REDUCE_RANGES:
+        raise RdcdError(f"reduce_range must be {', '.join(REDUCE_RANGES)}, not {reduce_range!r}")
+    if engine not in ENGINE_CHOICES:
+        raise RdcdError(f"unknown engine {engine!r}: choose from {', '.join(ENGINE_CHOICES)}")
     if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and 0 <= max_drop < 1):
         raise RdcdError(f"--max-drop must be in [0, 1), got {max_drop}")
 
@@ -64,7 +71,8 @@ def work_dir(directory: str | os.PathLike) -> Iterator[Path]:
 
 
 def check_onnx(path: str | os.PathLike, recorded_sha256: str | None = None) -> Path:
-    """``path`` is a readable ONNX model that ONNX Runtime can load, or RdcdError naming the file."""
+    """``path`` is a readable ONNX model that ONNX Runtime loads and runs on uint8 NHWC input (the export contract),
+    or RdcdError naming the file."""
     path = Path(path)
     name = printable(path)
     hint = "re-run rdcd-export --target onnx"
@@ -74,7 +82,9 @@ def check_onnx(path: str | os.PathLike, recorded_sha256: str | None = None) -> P
         raise RdcdError(f"FP32 ONNX model {name} is empty (0 bytes): {hint}")
     try:
         import onnx
-        import onnxruntime as ort
+        import onnxruntime  # noqa: F401 - both needed: one line naming the missing one
+
+        from rdcd.validate.runtimes import OnnxRuntimeRunner
     except ImportError as exc:
         from rdcd.errors import MissingDependency
 
@@ -84,12 +94,11 @@ def check_onnx(path: str | os.PathLike, recorded_sha256: str | None = None) -> P
         if not (proto.graph.node and proto.graph.input and proto.graph.output):
             raise ValueError("no graph (nodes, inputs and outputs) in the file")
         onnx.checker.check_model(proto)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.log_severity_level = 4
-        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        OnnxRuntimeRunner(path, threads=1, reference=True)  # the runner every stage uses: loads, takes uint8
     except MemoryError:
         raise
+    except RdcdError as exc:  # the runner's own line (no input named image of uint8, say)
+        raise RdcdError(f"FP32 ONNX model {name}: {exc}: {hint}") from None
     except Exception as exc:  # onnx, protobuf and onnxruntime raise many types for a damaged file
         why = (str(exc).strip().splitlines() or [""])[0][:160]
         changed = ""

@@ -29,7 +29,7 @@ ACTIVATION_OPS = ("Clip", "Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSw
 OTHER_QUANT_OPS = ("Add", "Mul", "Sub", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "Resize",
                    "Softmax", "Sigmoid", "HardSigmoid", "HardSwish", "Clip", "Relu", "LeakyRelu", "Tanh",
                    "MatMul", "ReduceMean", "Split", "Pad")
-#: module names of the deploy wrappers around the student (DeployModel.student, export's OnnxDeploy.net)
+#: module names of the deploy wrapper around the student (DeployModel.student; "net": exports before one wrapper)
 WRAPPER_PREFIXES = ("student", "net", "model", "module")
 
 

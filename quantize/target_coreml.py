@@ -56,7 +56,7 @@ def coreml_w8a8_w8(ctx: Context):
     status, reason = ("ok", None) if on_mac else ("not_checkable", "Core ML prediction needs macOS: µAP simulated "
                                                   "in PyTorch (coremltools.optimize.torch)")
     arts = []
-    w8a8 = ctx.base("coreml-w8a8", "coreml", "w8a8", rel, "coreml", ref_name, status, reason)
+    w8a8 = ctx.base("coreml", "w8a8", ref_name, status, reason)
     w8a8.produced_by = ctx.produced_by("coremltools.optimize.torch LinearQuantizer -> ct.convert (iOS17 mlprogram)",
                                        {"scheme": ACTIVATION_SCHEME, "observer": "min_max", "weights": "int8 per channel",
                                         "activations": "8-bit", "minimum_deployment_target": "iOS17",
@@ -90,7 +90,7 @@ def coreml_w8a8_w8(ctx: Context):
             fp_ml = None
     if fp_ml is None:
         w8_from_torch(static, size, pkg8, {**meta, "rdcd.precision": "w8"})
-    w8 = ctx.base("coreml-w8", "coreml", "w8", rel8, "coreml", ref_name, status, reason)
+    w8 = ctx.base("coreml", "w8", ref_name, status, reason)
     w8.produced_by = ctx.produced_by("coremltools.optimize.coreml.linear_quantize_weights",
                                      {"mode": "linear_symmetric", "dtype": "int8", "granularity": "per_channel",
                                       "source": source})

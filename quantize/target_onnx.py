@@ -70,7 +70,7 @@ def onnx_int8(ctx: Context):
     out = ctx.manifest.dir / rel
     with atomic_path(out) as tmp:
         shutil.copyfile(res.chosen.path, tmp)
-    art = ctx.base("onnx-int8", "onnx", "int8", rel, "onnxruntime", ctx.onnx_art.name)
+    art = ctx.base("onnx", "int8", ctx.onnx_art.name)
     art.produced_by = ctx.produced_by(f"{'onnxruntime.quantization' if recipe.engine == 'ort' else 'nncf'} static PTQ (QDQ)",
                                       {**recipe.to_dict(), "format": "QDQ", "candidates": candidates,
                                        "float_nodes": q.float_nodes})
@@ -115,8 +115,7 @@ def tensorrt_int8(ctx: Context):
     T.write_script(tdir, label, size, batch, int(ctx.onnx_art.output.dim), int8=True,
                    fp16=(tdir / T.ONNX).is_file() and (tdir / T.ONNX_FP16).is_file())
     options, cmd = T.build_options("int8", size, batch)
-    art = ctx.base("tensorrt-int8", "tensorrt", "int8", layout_path("tensorrt", "int8"), "tensorrt",
-                   ctx.onnx_art.name)
+    art = ctx.base("tensorrt", "int8", ctx.onnx_art.name)
     art.input.shape = [f"1..{batch}", size, size, 3]
     art.produced_by = ctx.produced_by("onnxruntime.quantization static PTQ (QDQ, TensorRT explicit quantization)",
                                       {**recipe.to_dict(), "format": "QDQ", "float_nodes": q.float_nodes, **options,

@@ -43,7 +43,7 @@ def openvino_int8(ctx: Context):
     for src in (res.chosen.path.with_suffix(".bin"), res.chosen.path):  # the .bin first: OpenVINO reads it beside the .xml
         with atomic_path(xml.with_suffix(src.suffix)) as tmp:
             shutil.copyfile(src, tmp)
-    art = ctx.base("openvino-int8", "openvino", "int8", rel, "openvino", ov_art.name if ov_art else ctx.onnx_art.name)
+    art = ctx.base("openvino", "int8", ov_art.name if ov_art else ctx.onnx_art.name)
     art.produced_by = ctx.produced_by("nncf.quantize (OpenVINO)", {"preset": "mixed", "method": method,
                                                                    "overflow_fix": OVERFLOW_FIX,
                                                                    "source": str(source.relative_to(ctx.manifest.dir))

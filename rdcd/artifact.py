@@ -15,10 +15,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-#: in export order: ONNX first (the other targets are converted from it or checked against it)
-TARGETS = ("onnx", "coreml", "openvino", "tensorrt")
 PRECISIONS = ("fp32", "fp16", "int8", "w8a8", "w8")
 STATUSES = ("ok", "not_checkable", "failed")
+#: how the commands show a status
+STATUS_ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
 #: the precisions of quantized artifacts (what the INT8 gate judges)
 QUANTIZED = ("int8", "w8a8", "w8")
 
@@ -37,6 +37,9 @@ LAYOUT = {
     ("tensorrt", "fp16"): "tensorrt/model-fp16.engine",
     ("tensorrt", "int8"): "tensorrt/model-int8.engine",
 }
+#: every target, in export order (LAYOUT's): ONNX first, the other targets are converted from it or checked
+#: against it; :data:`rdcd.targets.REGISTRY` follows this order
+TARGETS = tuple(dict.fromkeys(target for target, _ in LAYOUT))
 #: the W8A8 simulation (PyTorch + coremltools.optimize.torch) saved beside its package
 COREML_SIMULATION = "coreml/model-w8a8.simulation"
 

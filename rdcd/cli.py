@@ -173,6 +173,10 @@ def run(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] 
             code = main(argv)
         return 0 if code is None else int(code)
     except RdcdError as exc:
+        if os.environ.get("RDCD_DEBUG") and exc.__cause__ is not None:  # the library failure behind the line
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:

@@ -237,7 +237,10 @@ class Manifest:
             m.preprocess = dict(data.get("preprocess") or {})
             m.tensorrt = data.get("tensorrt")
             m.notes = dict(data.get("notes") or {})
-            m.artifacts = [Artifact.from_dict(a, f"artifact {a['name']!r}: ") for a in data["artifacts"]]
+            from rdcd.targets import REGISTRY  # a row without its runtime (older manifests): its target's
+
+            m.artifacts = [Artifact.from_dict({"runtime": REGISTRY[a["target"]].runtime, **a}, f"artifact {a['name']!r}: ")
+                           for a in data["artifacts"]]
         except (TypeError, ValueError) as exc:  # a field of the wrong shape the structural check does not cover
             raise RdcdError(f"malformed {where}: {str(exc).splitlines()[0]}") from None
         m.extra = {k: v for k, v in data.items() if k not in known}

@@ -131,15 +131,16 @@ class Student(nn.Module):
 
 
 class DeployModel(nn.Module):
-    """uint8 RGB NHWC in, L2-normalised descriptor out: the graph every exported artifact holds."""
+    """uint8 RGB NHWC in, L2-normalised descriptor out: the graph every exported artifact holds (the uint8 ->
+    float cast first, :func:`rdcd.preprocess.to_float_nchw`, so TensorRT sees a Cast as the input's only reader).
+    ``student`` is any float NCHW [0, 1] -> descriptor module (a :class:`Student`, a teacher's net)."""
 
     def __init__(self, student: nn.Module):
         super().__init__()
         self.student = student
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = image.permute(0, 3, 1, 2).float() * (1.0 / 255.0)
-        return self.student(x)
+        return self.student(to_float_nchw(image))
 
 
 def _offline_lite0_state_dict() -> dict[str, torch.Tensor]:

@@ -178,22 +178,43 @@ def baselines_stage(d: Demo) -> int:
     return 0
 
 
+def _as_argv(settings: dict) -> list[str]:
+    """The ``rdcd-distill`` options that give ``settings`` (TrainConfig fields; a list repeats its option; a
+    switch is its flag when it differs from the field's default)."""
+    import dataclasses
+
+    from rdcd.distill import TrainConfig
+
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    argv: list[str] = []
+    for key, value in settings.items():
+        flag = fields[key].metadata.get("flag") or "--" + key.replace("_", "-")
+        if isinstance(value, bool):  # store_true / store_false flags; BooleanOptionalAction for a None default
+            if value != fields[key].default:
+                argv.append(flag if fields[key].default is not None else ("--" if value else "--no-") + flag[2:])
+        elif value is not None:
+            for v in value if isinstance(value, list) else [value]:
+                argv += [flag, str(v)]
+    return argv
+
+
 def distill_stage(d: Demo) -> int:
-    from rdcd.distill.cli import _main as distill
+    from rdcd.distill import distill, from_options
     from rdcd.fsutil import write_text
 
     a, run_dir = d.a, d.run_dir
-    argv = ["--train-dir", str(d.train_dir), "--out", str(run_dir), "--backbone", a.backbone, "--dim", str(a.dim),
-            "--input-size", str(a.size), "--teacher-size", str(a.teacher_size), "--batch-size", str(a.batch_size),
-            "--max-steps", str(a.steps), "--head-steps", str(a.head_steps), "--lr", str(a.lr),
-            "--warmup-steps", str(max(1, a.steps // 10)), "--hn-ramp-steps", str(max(1, a.steps // 2)),
-            "--cache", str(d.out / "teacher-cache"), "--cache-views", str(a.cache_views),
-            "--queue-size", str(a.queue), "--rsd-queue-size", str(a.queue),
-            "--ckpt-every", str(max(1, a.steps // 5)), "--eval-benchmark", str(d.bench_dir)]
+    settings = {"train_dir": [str(d.train_dir)], "out": str(run_dir), "backbone": a.backbone, "dim": a.dim,
+                "input_size": a.size, "teacher_size": a.teacher_size, "batch_size": a.batch_size,
+                "max_steps": a.steps, "head_steps": a.head_steps, "lr": a.lr,
+                "warmup_steps": max(1, a.steps // 10), "hn_ramp_steps": max(1, a.steps // 2),
+                "cache": str(d.out / "teacher-cache"), "cache_views": a.cache_views,
+                "queue_size": a.queue, "rsd_queue_size": a.queue,
+                "ckpt_every": max(1, a.steps // 5), "eval_benchmark": str(d.bench_dir)}
     if d.pool.is_dir():
-        argv += ["--exclude-benchmark", str(d.bench_dir)]
+        settings["exclude_benchmark"] = [str(d.bench_dir)]
         if Path(a.photos_dir).is_dir():
-            argv += ["--train-dir", str(a.photos_dir), "--max-images", str(a.max_images)]
+            settings["train_dir"].append(str(a.photos_dir))
+            settings["max_images"] = a.max_images
     trained_for = _sources_digest(d.bench_dir)
     if (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.pt").exists():
         recorded = (run_dir / BENCH_DIGEST).read_text().strip() if (run_dir / BENCH_DIGEST).exists() else None
@@ -204,10 +225,19 @@ def distill_stage(d: Demo) -> int:
         print(f"\n=== distill: reusing the finished run in {run_dir} (delete it to train again)", flush=True)
     else:
         if (run_dir / "checkpoint.pt").exists():  # an interrupted demo continues where it stopped
-            argv.append("--resume")
+            settings["resume"] = True
         else:
             write_text(run_dir / BENCH_DIGEST, trained_for + "\n")
-        code = _stage("distill", "rdcd-distill", lambda: distill(argv), argv, d.timings)
+        def run() -> int:
+            from rdcd.distill.checkpoint import AlreadyDone
+
+            try:
+                distill(from_options(settings))  # checks its settings and inputs first (RdcdError: exit 2)
+            except AlreadyDone as done:  # a finished checkpoint without its model file: nothing left to train
+                print(f"rdcd-distill: {done}", flush=True)
+            return 0
+
+        code = _stage("distill", "rdcd-distill", run, _as_argv(settings), d.timings)
     d.summary["distill"] = _distill_summary(run_dir, d.summary.get("baselines"))
     return code
 
@@ -244,14 +274,14 @@ def quantize_stage(d: Demo) -> int:
 
     def run() -> int:
         try:
-            arts = quantize(d.export_dir, d.train_dir, recipe=QuantizeRecipe(calib_count=calib_count),
+            result = quantize(d.export_dir, d.train_dir, recipe=QuantizeRecipe(calib_count=calib_count),
                             accuracy=AccuracyControl(d.bench_dir, max_drop=d.a.max_drop), checkpoint=d.run_dir,
                             latency_iters=200, command=f"rdcd-quantize {shlex.join(argv)}", raise_on_drop=False)
         except GateFailed as exc:  # an engine that did not build or run: the gate below reports it
             log.warning("rdcd-quantize: %s; the gate decides", exc)
             return 0
-        print_summary(arts, d.export_dir, d.a.max_drop)
-        over = [a.name for a in arts if a.accuracy is not None and a.accuracy.over()]
+        print_summary(result, d.export_dir, d.a.max_drop)
+        over = [a.name for a in result.artifacts if a.accuracy is not None and a.accuracy.over()]
         if over:  # the quantize stage's own (stricter) target missed: the gate below decides
             log.warning("rdcd-quantize: INT8 drop above %s after fallback (%s); the gate decides", d.a.max_drop,
                         ", ".join(over))

@@ -26,10 +26,16 @@ TF_LITE_STD = (0.5, 0.5, 0.5)
 RESIZE_RULE = "stretch to size x size, PIL bilinear with antialiasing, RGB uint8 NHWC"
 
 
-def to_float_nchw(batch_nhwc_uint8: np.ndarray, mean: Sequence[float] = (0.0, 0.0, 0.0),
-                  std: Sequence[float] = (1.0, 1.0, 1.0)) -> np.ndarray:
-    """The one uint8 -> float conversion: uint8 RGB NHWC -> float32 NCHW ``(x / 255 - mean) / std``
-    (the defaults give [0, 1]). The same numbers as torch's ``x.float() / 255`` on the same batch."""
+def to_float_nchw(batch_nhwc_uint8, mean: Sequence[float] = (0.0, 0.0, 0.0), std: Sequence[float] = (1.0, 1.0, 1.0)):
+    """The one uint8 -> float conversion: uint8 RGB NHWC -> float32 NCHW ``(x / 255 - mean) / std`` (the
+    defaults give [0, 1]). A numpy array gives a numpy array; a torch tensor (found by duck typing: no torch
+    import here) gives a tensor on its device, cast before the transpose, which is the graph every exported
+    model holds (:class:`rdcd.model.DeployModel`). Both sides give the same numbers on the same batch."""
+    if hasattr(batch_nhwc_uint8, "permute"):  # torch
+        x = batch_nhwc_uint8.float().permute(0, 3, 1, 2) / 255.0
+        if tuple(mean) != (0.0, 0.0, 0.0) or tuple(std) != (1.0, 1.0, 1.0):
+            x = (x - x.new_tensor(mean).view(1, 3, 1, 1)) / x.new_tensor(std).view(1, 3, 1, 1)
+        return x
     x = np.asarray(batch_nhwc_uint8).astype(np.float32) / np.float32(255.0)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # exact for the defaults
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2))

@@ -21,7 +21,7 @@ import platform
 from dataclasses import dataclass
 from typing import Callable
 
-from rdcd.artifact import LAYOUT
+from rdcd.artifact import LAYOUT, TARGETS, Artifact, Input, Output, artifact_name, layout_path
 
 
 def _importable(module: str) -> str | None:
@@ -87,9 +87,7 @@ class Target:
                 "files": list(self.suffixes), "export": export_why or "yes", "run": run_why or "yes"}
 
 
-#: every target, in :data:`rdcd.artifact.TARGETS` order (export and quantize run them in this order: the others
-#: are converted from, built from or checked against ONNX)
-REGISTRY: dict[str, Target] = {t.name: t for t in (
+_TARGETS = (
     Target("onnx", "onnxruntime", (".onnx",), "rdcd.export.targets:onnx_target",
            "rdcd.quantize.target_onnx:onnx_int8", "rdcd.validate.runtimes:OnnxRuntimeRunner", _onnx_here),
     Target("coreml", "coreml", (".mlpackage", ".mlmodel"), "rdcd.export.targets:coreml_target",
@@ -98,10 +96,24 @@ REGISTRY: dict[str, Target] = {t.name: t for t in (
            "rdcd.quantize.target_openvino:openvino_int8", "rdcd.validate.runtimes:OpenVINORunner", _openvino_here),
     Target("tensorrt", "tensorrt", (".engine", ".plan"), "rdcd.export.targets:tensorrt_target",
            "rdcd.quantize.target_onnx:tensorrt_int8", "rdcd.validate.runtimes:TensorRTRunner", _tensorrt_here),
-)}
+)
+#: every target, in :data:`rdcd.artifact.TARGETS` order (export and quantize run them in this order: the others
+#: are converted from, built from or checked against ONNX); a target of the layout without an entry fails here
+REGISTRY: dict[str, Target] = {name: {t.name: t for t in _TARGETS}[name] for name in TARGETS}
 
 #: runtime name -> its target (``--runtime`` choices)
 BY_RUNTIME: dict[str, Target] = {t.runtime: t for t in REGISTRY.values()}
+#: every runtime name (``--runtime`` takes these or ``auto``)
+RUNTIMES: tuple[str, ...] = tuple(BY_RUNTIME)
+
+
+def new_artifact(target: str, precision: str, size: int, output: Output, *, batch: int | str = "batch",
+                 name: str | None = None, path: str | None = None, **fields) -> Artifact:
+    """The one way a stage starts a manifest row: ``target`` at ``precision``, named and placed by the layout
+    (unless ``name``/``path`` say otherwise), run by the target's runtime, taking ``size`` px (as ``target`` takes
+    inputs: :meth:`~rdcd.artifact.Input.of`), status ok."""
+    return Artifact(name or artifact_name(target, precision), target, precision, path or layout_path(target, precision),
+                    REGISTRY[target].runtime, Input.of(target, size, batch), output, **fields)
 
 
 def for_file(suffix: str) -> Target | None:

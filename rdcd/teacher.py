@@ -60,42 +60,39 @@ class _TorchBatchMixin:
 
 
 class OnnxTeacher(_TorchBatchMixin):
+    """An ONNX teacher (uint8 RGB NHWC -> embedding) run by the one onnxruntime runner
+    (:class:`rdcd.validate.runtimes.OnnxRuntimeRunner`; CUDA provider when asked and present), outputs L2-normalised."""
+
     kind = "onnx"
 
     def __init__(self, path: str | os.PathLike | None = None, size: int = SSCD_SIZE, threads: int | None = None,
                  device: str = "auto"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependency("onnxruntime", "pip install onnxruntime (or onnxruntime-gpu)") from None
+        from rdcd.validate.runtimes import OnnxRuntimeRunner
+
         self.path = Path(path) if path else sscd_onnx_path()
-        if not self.path.exists():
-            raise RdcdError(f"teacher model not found: {self.path}")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
-        if device in ("auto", "cuda") and "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
+        if device in ("auto", "cuda"):
+            try:
+                import onnxruntime as ort
+
+                if "CUDAExecutionProvider" in ort.get_available_providers():
+                    providers.insert(0, "CUDAExecutionProvider")
+            except ImportError:
+                pass  # the runner names the missing package
         try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise RdcdError(f"cannot load teacher ONNX {self.path}: {exc}") from None
-        inp = self.session.get_inputs()[0]
-        if inp.type != "tensor(uint8)" or inp.shape[-1] != 3:
-            raise RdcdError(f"teacher ONNX {self.path} must take uint8 NHWC RGB input, not {inp.type} {inp.shape}")
-        self.input_name = inp.name
-        out = self.session.get_outputs()[0]
-        self.dim = int(out.shape[-1]) if isinstance(out.shape[-1], int) else None
+            self.runner = OnnxRuntimeRunner(self.path, threads=threads, providers=providers)
+        except MissingDependency:
+            raise
+        except RdcdError as exc:
+            raise RdcdError(f"teacher: {exc}") from None
+        if isinstance(self.runner.input_shape[-1], int) and self.runner.input_shape[-1] != 3:
+            raise RdcdError(f"teacher ONNX {self.path} must take uint8 NHWC RGB input, not {self.runner.input_shape}")
         self.size = size
-        self.providers = self.session.get_providers()
-        if self.dim is None:
-            self.dim = int(self.embed_uint8(np.zeros((1, size, size, 3), np.uint8)).shape[1])
+        self.providers = self.runner.session.get_providers()
+        self.dim = int(self.embed_uint8(np.zeros((1, size, size, 3), np.uint8)).shape[1])
 
     def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(batch, dtype=np.uint8)
-        return _l2n(self.session.run(None, {self.input_name: batch})[0])
+        return _l2n(self.runner(batch))
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": str(self.path), "dim": self.dim, "size": self.size,
@@ -151,39 +148,65 @@ class TorchTeacher:
     def embed_uint8(self, batch: np.ndarray) -> np.ndarray:
         import torch
 
+        from rdcd.preprocess import to_float_nchw
+
         # uint8 to the device, converted there (a quarter of the transfer of float32)
-        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
-        return self(x).cpu().numpy()
+        return self(to_float_nchw(torch.from_numpy(np.ascontiguousarray(batch)).to(self.device))).cpu().numpy()
 
     def describe(self) -> dict:
         return {"kind": self.kind, "path": self.name, "dim": self.dim, "size": self.size, "device": self.device}
 
 
+#: what each teacher spec names (:func:`parse_teacher`)
+SPEC_HELP = "sscd-onnx, timm:<name>, or a path to an SSCD TorchScript .pt or a uint8-NHWC .onnx"
+
+
+def parse_teacher(spec: str | None) -> tuple[str, str | Path]:
+    """The one reading of a teacher spec: ``(kind, reference)`` with kind ``sscd-onnx`` (also ``teacher``),
+    ``timm`` (reference: the model name), ``onnx`` or ``torchscript`` (reference: an existing file)."""
+    spec = spec or "sscd-onnx"
+    if spec in ("sscd-onnx", "teacher"):
+        return "sscd-onnx", "sscd-onnx"
+    if spec.startswith("timm:"):
+        return "timm", spec[5:]
+    path = Path(spec)
+    if not path.is_file():
+        raise RdcdError(f"teacher not found: {spec} (use {SPEC_HELP})")
+    return ("onnx" if path.suffix == ".onnx" else "torchscript"), path
+
+
+def default_size(kind: str) -> int:
+    """A teacher's input size unless one is asked for: SSCD's 288, ImageNet's 224 for a timm model."""
+    return 224 if kind == "timm" else SSCD_SIZE
+
+
+def load_torch_module(kind: str, ref: str | Path, device: str = "cpu"):
+    """The raw torch module of a ``timm`` or ``torchscript`` teacher (:func:`parse_teacher`), eval mode. A timm
+    teacher is a random init (no model hub offline), seeded so that the same spec is the same teacher in
+    training, evaluation and export."""
+    import torch
+
+    if kind == "timm":
+        import timm
+
+        if not timm.is_model(str(ref)):
+            raise RdcdError(f"unknown timm teacher {ref!r}")
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            torch.default_generator.manual_seed(0)
+            module = timm.create_model(str(ref), pretrained=False, num_classes=0)
+        return module.to(device).eval()
+    try:
+        return torch.jit.load(str(ref), map_location=device).eval()
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a file that is not TorchScript
+        raise RdcdError(f"cannot load TorchScript teacher {ref}: {str(exc).strip().splitlines()[0]}") from None
+
+
 def build_teacher(spec: str | None = "sscd-onnx", size: int | None = None, device: str = "cpu",
                   threads: int | None = None):
     """Build a frozen teacher from a spec string (see module docstring)."""
-    spec = spec or "sscd-onnx"
-    if spec == "sscd-onnx":
-        return OnnxTeacher(None, size=size or SSCD_SIZE, threads=threads, device="cuda" if device.startswith("cuda") else "cpu")
-    if spec.startswith("timm:"):
-        import timm
-
-        name = spec[5:]
-        try:
-            module = timm.create_model(name, pretrained=False, num_classes=0)
-        except RuntimeError as exc:
-            raise RdcdError(f"unknown timm teacher {name!r}: {exc}") from None
-        return TorchTeacher(module, "timm", name, size=size or 224, device=device)
-    path = Path(spec)
-    if not path.exists():
-        raise RdcdError(f"teacher not found: {spec} (use sscd-onnx, timm:<name>, or a .onnx / TorchScript path)")
-    if path.suffix == ".onnx":
-        return OnnxTeacher(path, size=size or SSCD_SIZE, threads=threads,
+    kind, ref = parse_teacher(spec)
+    size = size or default_size(kind)
+    if kind in ("sscd-onnx", "onnx"):
+        return OnnxTeacher(None if kind == "sscd-onnx" else ref, size=size, threads=threads,
                            device="cuda" if device.startswith("cuda") else "cpu")
-    import torch
-
-    try:
-        module = torch.jit.load(str(path), map_location=device)
-    except Exception as exc:
-        raise RdcdError(f"cannot load TorchScript teacher {path}: {exc}") from None
-    return TorchTeacher(module, "torchscript", str(path), size=size or SSCD_SIZE, device=device)
+    return TorchTeacher(load_torch_module(kind, ref, device), kind, str(ref), size=size, device=device)

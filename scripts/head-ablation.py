@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from rdcd.benchmark import load_benchmark
 from rdcd.distill.heads import HeadConfig, HeadTrainer
 from rdcd.model import StudentConfig, build_student
+from rdcd.preprocess import to_float_nchw
 from rdcd.validate.evaluate import Descriptors, evaluate_descriptors
 from rdcd.validate.extract import extract
 
@@ -66,7 +67,7 @@ def main() -> None:
 
     def gem(batch):
         with torch.no_grad():
-            x = torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255
+            x = to_float_nchw(torch.from_numpy(np.ascontiguousarray(batch)))
             return st.pooled(x).numpy()
 
     benches = []

@@ -328,3 +328,20 @@ def test_index_build_skips_non_utf8_names(paths, tmp_path):
     with open(tmp_path / "m.csv", newline="") as fh:
         rows = list(csv.reader(fh))[1:]
     assert any(row[0] == "ref,1" for row in rows)  # an id with a comma, quoted by the csv module
+
+
+def test_rdcd_debug_shows_the_library_failure_behind_a_line(monkeypatch, capsys):
+    from rdcd import cli
+    from rdcd.errors import RdcdError
+
+    def fails(argv):
+        try:
+            int("x")
+        except ValueError as exc:
+            raise RdcdError("a library failed") from exc
+
+    assert cli.run(fails, []) == 2 and capsys.readouterr().err.strip().endswith("error: a library failed")
+    monkeypatch.setenv("RDCD_DEBUG", "1")
+    assert cli.run(fails, []) == 2
+    err = capsys.readouterr().err
+    assert "ValueError: invalid literal" in err and "Traceback" in err and err.strip().endswith("a library failed")

@@ -88,10 +88,12 @@ def test_all_targets_rows_and_exit(exported, student_run):
                 assert art.size_bytes == xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
 
 
-def test_onnx_contract_and_parity(exported, student_run, images):
+def test_onnx_contract_and_parity(exported, student_run, images, tmp_path):
+    import shutil
+
     import onnxruntime as ort
 
-    from rdcd.validate.models import artifact_spec
+    from rdcd.validate.artifact_input import artifact_input
 
     _, out, man = exported
     path = out / "model.onnx"
@@ -110,7 +112,10 @@ def test_onnx_contract_and_parity(exported, student_run, images):
     assert json.loads(meta["rdcd.preprocess"])["size"] == TEST_SIZE
     assert meta["rdcd.backbone"] == "efficientnet_lite0"
     assert meta["rdcd.source_sha256"] == sha256(student_run / "model.safetensors")
-    assert artifact_spec(path).size == TEST_SIZE
+    given = artifact_input(path)
+    assert (given.spec.size, given.source, given.row.name) == (TEST_SIZE, "manifest.json", "onnx-fp32")
+    alone = shutil.copy(path, tmp_path / "model.onnx")  # no manifest beside it: the file's own metadata says
+    assert (artifact_input(alone).spec.size, artifact_input(alone).source) == (TEST_SIZE, "ONNX metadata")
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ref = _torch_reference(student_run, images)

@@ -259,7 +259,7 @@ def test_artifacts_that_fail_are_failures(models, tiny_bench, tmp_path, capsys):
     assert by["onnx-int8"]["status"] == "failed" and "cannot load" in by["onnx-int8"]["reason"]
     assert by["openvino-int8"]["status"] == "failed" and "file not found" in by["openvino-int8"]["reason"]
     assert by["coreml-fp16"]["status"] == "failed" and "unsupported op" in by["coreml-fp16"]["reason"]
-    assert by["onnx-fp32"]["status"] == "failed" and "its manifest row says 48" in by["onnx-fp32"]["reason"]
+    assert by["onnx-fp32"]["status"] == "failed" and "its manifest.json says 48" in by["onnx-fp32"]["reason"]
 
 
 # ------------------------------------------------------------------------------------- bad usage

@@ -207,6 +207,8 @@ def test_model_mismatch_refused(exports, tiny_bench, tmp_path, capsys):
 
 
 def test_threshold_auto(exports, tiny_bench, tmp_path, capsys):
+    from rdcd.validate.report import SCHEMA
+
     idx, q = tmp_path / "idx", tiny_bench / "queries"
     assert run(capsys, "build", "--model", exports, "--images", tiny_bench / "references", "--out", idx)[0] == 0
     assert "no measured operating point" in fails(capsys, "search", "--index", idx, "--images", q,
@@ -214,8 +216,9 @@ def test_threshold_auto(exports, tiny_bench, tmp_path, capsys):
     sha = sha256(exports / "model.onnx")
     report = tmp_path / "gate" / "report.json"
     report.parent.mkdir()
-    report.write_text(json.dumps({"settings": {"whiten": False, "score_norm": None},
-                                  "artifacts": [{"name": "onnx-fp32", "sha256": sha, "threshold_at_p90": 0.9}]}))
+    report.write_text(json.dumps({"schema": SCHEMA, "settings": {"whiten": False, "score_norm": None},
+                                  "artifacts": [{"name": "onnx-fp32", "path": "model.onnx", "status": "ok", "sha256": sha,
+                                                 "threshold_at_p90": 0.9}]}))
     out = tmp_path / "thr.csv"
     assert run(capsys, "search", "--index", idx, "--images", q, "--out", out, "--threshold", "auto",
                "--report", report.parent)[0] == 0
@@ -230,8 +233,9 @@ def test_threshold_auto(exports, tiny_bench, tmp_path, capsys):
     assert json.loads((idx2 / "index.json").read_text())["operating_point"]["threshold_at_p90"] == 0.9
     assert run(capsys, "search", "--index", idx2, "--images", q, "--out", tmp_path / "a.csv", "--threshold", "auto")[0] == 0
     assert read_matches(tmp_path / "a.csv") == rows
-    report.write_text(json.dumps({"settings": {"whiten": True},
-                                  "artifacts": [{"name": "onnx-fp32", "sha256": sha, "threshold_at_p90": 0.5}]}))
+    report.write_text(json.dumps({"schema": SCHEMA, "settings": {"whiten": True},
+                                  "artifacts": [{"name": "onnx-fp32", "path": "model.onnx", "status": "ok", "sha256": sha,
+                                                 "threshold_at_p90": 0.5}]}))
     assert "whitened" in fails(capsys, "search", "--index", idx, "--images", q, "--out", tmp_path / "w.csv",
                                "--threshold", "auto", "--report", report)
 

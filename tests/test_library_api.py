@@ -24,10 +24,10 @@ def test_export_quantize_gate_chain(student_run, tiny_bench, skimage_dir, tmp_pa
     result = export(student_run, ["onnx"], out, Options(threads=1, command="test"))
     assert result.code == 0 and Manifest.load(out).get("onnx-fp32").status == "ok"
 
-    arts = quantize(out, skimage_dir, targets=["onnx"], recipe=QuantizeRecipe(method="minmax", calib_count=8),
+    result = quantize(out, skimage_dir, targets=["onnx"], recipe=QuantizeRecipe(method="minmax", calib_count=8),
                     accuracy=AccuracyControl(tiny_bench, max_drop=0.5, drop_type="relative", max_fallback_steps=1),
                     threads=1, codes=False, with_tensorrt=False)
-    row = next(a for a in arts if a.name == "onnx-int8")
+    row = next(a for a in result.artifacts if a.name == "onnx-int8")
     acc = row.accuracy
     # a relative budget is a share of the FP32 µAP, recorded in µAP points on the row
     assert acc.max_drop == pytest.approx(0.5 * acc.fp32_micro_ap, abs=1e-6)

@@ -68,11 +68,9 @@ def blank_calib_dir(tmp_path_factory) -> Path:
 
 
 def _manifest(d: Path) -> dict:
-    return json.loads((d / "manifest.json").read_text())
-
-
-def _art(d: Path, name: str) -> dict:
-    return next(a for a in _manifest(d)["artifacts"] if a["name"] == name)
+    """``manifest.json`` as written (the on-disk format these tests check), with its ``rows`` by name."""
+    data = json.loads((d / "manifest.json").read_text())
+    return {**data, "rows": {a["name"]: a for a in data["artifacts"]}}
 
 
 # -------------------------------------------------------------------------------------- calibration
@@ -197,12 +195,12 @@ def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench,
     until the µAP drop shrinks, and record them."""
     from rdcd.quantize import AccuracyControl, QuantizeRecipe, quantize
 
-    arts = quantize(export_dir, blank_calib_dir, targets=("onnx",),
-                    recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=4),
-                    accuracy=AccuracyControl(tiny_bench, max_drop=0.02, max_fallback_steps=8),
-                    with_tensorrt=False, codes=False, raise_on_drop=False)
-    art = arts[0]
-    report = json.loads((export_dir / "quantize_report.json").read_text())
+    result = quantize(export_dir, blank_calib_dir, targets=("onnx",),
+                      recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=4),
+                      accuracy=AccuracyControl(tiny_bench, max_drop=0.02, max_fallback_steps=8),
+                      with_tensorrt=False, codes=False, raise_on_drop=False)
+    art = result.artifacts[0]
+    report = result.report
     steps = report["targets"]["onnx"]["fallback"]["steps"]
     assert steps[0]["float_layers"] == 0 and steps[0]["drop"] > 0.05, steps[0]  # the crippled model is bad
     assert len(steps) >= 2
@@ -218,7 +216,7 @@ def test_fallback_loop_reduces_a_deliberately_large_drop(export_dir, tiny_bench,
     helped = sorted((p for p in probes if p["drop"] < steps[0]["drop"]), key=lambda p: p["drop"])
     if helped:
         assert art.fallback_layers[0] == helped[0]["layer"]
-    m = _art(export_dir, "onnx-int8")
+    m = _manifest(export_dir)["rows"]["onnx-int8"]
     assert m["fallback_layers"] == art.fallback_layers and m["reference"] == "onnx-fp32"
 
 
@@ -231,7 +229,7 @@ def test_cli_exit_1_when_drop_stays_too_large_and_work_is_kept(export_dir, tiny_
     err = capsys.readouterr().err
     assert code == 1, err
     assert "tensorrt-int8" in err and "above --max-drop" in err
-    art = _art(export_dir, "tensorrt-int8")  # written all the same (the QDQ model; the engine is not built here)
+    art = _manifest(export_dir)["rows"]["tensorrt-int8"]  # written all the same (QDQ model; no engine here)
     assert (export_dir / art["qdq_source"]).is_file() and art["status"] == "not_checkable"
     assert "trtexec" in art["command"] and "--int8" in art["command"]
     assert art["accuracy"]["drop"] > 0.01
@@ -253,15 +251,17 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     assert not (export_dir / "coreml").exists() and not (export_dir / "openvino").exists()  # made on saving
     arts = quantize(export_dir, calib_dir, targets=("onnx", "openvino", "coreml"),
                     recipe=QuantizeRecipe(method="minmax", engine="ort", calib_count=12),
-                    accuracy=AccuracyControl(tiny_bench, max_drop=0.05, max_fallback_steps=2), raise_on_drop=False)
+                    accuracy=AccuracyControl(tiny_bench, max_drop=0.05, max_fallback_steps=2),
+                    raise_on_drop=False).artifacts
     names = {a.name for a in arts}
     assert names == {"onnx-int8", "tensorrt-int8", "openvino-int8", "coreml-w8a8", "coreml-w8"}
     assert {a.name: a.path for a in arts} == {a.name: layout_path(a.target, a.precision) for a in arts}
     assert not any(p.exists() for p in old), [p.name for p in old if p.exists()]
     m = _manifest(export_dir)
+    by = m["rows"]
     gt_sha = sha256(tiny_bench / "ground_truth.csv")
     for name in names:
-        a = next(x for x in m["artifacts"] if x["name"] == name)
+        a = by[name]
         if name == "tensorrt-int8":  # the engine is not built here: its QDQ source is (tests/test_tensorrt.py)
             assert not (export_dir / a["path"]).exists() and a["qdq_sha256"] == sha256(export_dir / a["qdq_source"])
         else:
@@ -271,16 +271,16 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
         assert acc["ground_truth_sha256"] == gt_sha and Path(acc["benchmark"]) == tiny_bench.resolve()
         assert 0 < acc["micro_ap"] <= 1 and abs(acc["fp32_micro_ap"] - acc["micro_ap"] - acc["drop"]) < 1e-5
         assert a["calibration"]["images"] == 12
-    onnx_art = next(x for x in m["artifacts"] if x["name"] == "onnx-int8")
+    onnx_art = by["onnx-int8"]
     assert onnx_art["status"] == "ok" and onnx_art["accuracy"]["simulated"] is False
-    trt = next(x for x in m["artifacts"] if x["name"] == "tensorrt-int8")
+    trt = by["tensorrt-int8"]
     assert trt["target"] == "tensorrt" and trt["status"] == "not_checkable" and trt["accuracy"]["simulated"]
     assert (export_dir / "tensorrt" / "build_engine.sh").read_text().count("--onnx=model-int8.onnx") == 2  # TRT 10, 11
 
     # OpenVINO INT8 via NNCF: FakeQuantize ops, runs in OpenVINO
     from rdcd.validate.runtimes import OpenVINORunner
 
-    ov = next(x for x in m["artifacts"] if x["name"] == "openvino-int8")
+    ov = by["openvino-int8"]
     assert ov["status"] == "ok" and ov["fake_quantize_ops"] > 20 and ov["accuracy"]["runtime"] == "openvino"
     out = OpenVINORunner(export_dir / ov["path"], threads=2)(np.zeros((2, TEST_SIZE, TEST_SIZE, 3), np.uint8))
     assert out.shape == (2, 128)
@@ -297,12 +297,12 @@ def test_quantize_all_targets(export_dir, tiny_bench, calib_dir, student_run):
     xml, weights = export_dir / ov["path"], export_dir / "openvino" / "model-int8.bin"  # the .bin counts too
     assert ov["size_bytes"] == xml.stat().st_size + weights.stat().st_size and ov["content_sha256"] != ov["sha256"]
     for name in ("onnx-int8", "openvino-int8", "coreml-w8a8", "coreml-w8", "tensorrt-int8"):
-        a = next(x for x in m["artifacts"] if x["name"] == name)
+        a = by[name]
         lo, hi = a["accuracy"]["drop_ci95"]  # paired bootstrap over the benchmark's queries
         assert lo <= a["accuracy"]["drop"] + 1e-6 and a["accuracy"]["drop"] - 1e-6 <= hi, name
 
     # Core ML: W8A8 iOS 17 package with quantized activations, W8 with int8 weights; µAP simulated off macOS
-    w8a8, w8 = (next(x for x in m["artifacts"] if x["name"] == n) for n in ("coreml-w8a8", "coreml-w8"))
+    w8a8, w8 = by["coreml-w8a8"], by["coreml-w8"]
     assert w8a8["precision"] == "w8a8" and w8["precision"] == "w8"
     assert w8a8["mlpackage"]["specification_version"] >= 8  # iOS 17
     assert w8a8["mlpackage"]["quantize_ops"] > 20 and w8a8["mlpackage"]["constexpr_dequant_ops"] > 40

@@ -165,7 +165,9 @@ def test_runner_modules_import_without_torch():
         from rdcd.validate.gate_rows import evaluate_manifest
         import rdcd.validate.bench, rdcd.validate.cuda, rdcd.validate.device, rdcd.validate.gate_rows
         import rdcd.validate.gate_reference, rdcd.validate.evaluate, rdcd.validate.models, rdcd.preprocess
-        from rdcd.validate.bench import measure_latency, pick_row, resolve_size
+        from rdcd.validate.bench import measure_latency
+        from rdcd.validate.artifact_input import artifact_input, pick_row
+        import rdcd.validate.index_inputs, rdcd.validate.index_cli
         from rdcd.manifest import Artifact, Manifest
         from rdcd.targets import REGISTRY, for_file
         assert for_file(".onnx").function("runner") is OnnxRuntimeRunner

@@ -8,9 +8,8 @@ when ``--images`` is given. ::
     rdcd-bench --model exports/model.onnx --json bench.json [--runtime auto|onnxruntime|tensorrt|coreml|openvino]
                [--batch-size 1] [--warmup 20] [--iters 200] [--threads N] [--size S] [--images DIR] [--label TEXT]
 
-The input size comes from ``--size``, else the ``manifest.json`` beside the model (or one folder
-up), else the ONNX metadata (``rdcd.preprocess`` / ``rdcd.input_size``), else the runtime's static
-input shape. Inputs are random uint8 RGB images (fixed seed) or real ones from ``--images``.
+The input size is :func:`rdcd.validate.artifact_input.artifact_input`'s (``--size``, else the ``manifest.json``
+beside the model or one folder up, else the ONNX metadata, else the runtime's static input shape). Inputs are random uint8 RGB images (fixed seed) or real ones from ``--images``.
 
 Measured per call of the runner (a batch of ``--batch-size`` images, host arrays in and out, so for GPU
 runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
@@ -24,7 +23,6 @@ it into a gate report as a device column.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -35,9 +33,10 @@ import numpy as np
 
 from rdcd import __version__, cli
 from rdcd.errors import RdcdError
+from rdcd.targets import RUNTIMES
 
 SCHEMA = "rdcd-bench/1"
-RUNTIME_CHOICES = ("auto", "onnxruntime", "tensorrt", "coreml", "openvino")
+RUNTIME_CHOICES = ("auto", *RUNTIMES)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -131,53 +130,6 @@ def tensorrt_gpu_compute(runner, batch: np.ndarray, warmup: int, iters: int) -> 
 
 
 # ----------------------------------------------------------------------------------- model details
-def pick_row(rows: list, runtime: str):
-    """Of the manifest rows naming this file (:meth:`rdcd.manifest.Manifest.beside`), the one run by ``runtime``
-    (an INT8 QDQ file is listed both as the onnxruntime artifact and as the TensorRT engine's input)."""
-    same = [r for r in rows if r.runtime == runtime]
-    return (same or rows or [None])[0]
-
-
-def _size_from_onnx_metadata(runner) -> int | None:
-    session = getattr(runner, "session", None)
-    if session is None or not hasattr(session, "get_modelmeta"):
-        return None
-    meta = session.get_modelmeta().custom_metadata_map or {}
-    if "rdcd.preprocess" in meta:
-        try:
-            return int(json.loads(meta["rdcd.preprocess"])["size"])
-        except (ValueError, KeyError, TypeError):
-            pass
-    for key in ("rdcd.input_size", "input_size"):
-        if key in meta:
-            try:
-                return int(meta[key])
-            except ValueError:
-                pass
-    return None
-
-
-def resolve_size(runner, model: Path, size: int | None, manifest=None, row=None) -> tuple[int, str]:
-    """The input size: ``--size``, the export manifest (:meth:`~rdcd.manifest.Manifest.input_size`), the ONNX
-    metadata, the model's static input shape; one that contradicts a static input shape is bad input."""
-    from rdcd.validate.bench_checks import check_fixed_size
-    from rdcd.validate.runtimes import static_input_size
-
-    fixed = static_input_size(runner)
-    if size:
-        check_fixed_size(model, int(size), fixed)
-        return int(size), "--size"
-    for fn, where in ((lambda: manifest.input_size(row) if manifest is not None else None, "manifest.json"),
-                      (lambda: _size_from_onnx_metadata(runner), "ONNX metadata"),
-                      (lambda: fixed, "model input shape")):
-        s = fn()
-        if s:
-            check_fixed_size(model, int(s), fixed, where)
-            return int(s), where
-    raise RdcdError(f"cannot tell the input size of {model.name}: no manifest.json beside it, no size in its "
-                    f"metadata or input shape; pass --size")
-
-
 def make_inputs(size: int, batch: int, images: str | None, seed: int = 0, max_batches: int = 8) -> tuple[list[np.ndarray], str]:
     """Input batches: random uint8 RGB (fixed seed), or real images from a folder (resized per the contract)."""
     if not images:
@@ -229,7 +181,7 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--iters", type=cli.positive_int, default=200, help="timed calls (default 200)")
     p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")
-    p.add_argument("--size", type=_input_size, default=None, help="input size when no manifest/metadata says it")
+    p.add_argument("--size", type=_input_size, default=None, help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
     p.add_argument("--images", default=None, help="folder of real images to feed (default: random uint8 images)")
     p.add_argument("--label", default=None, help="device column title in reports (default: board or CPU / runtime)")
     p.add_argument("--seed", type=int, default=0)
@@ -243,15 +195,14 @@ def run_bench(args, argv: Sequence[str] | None = None) -> dict:
     if not model.exists():
         raise RdcdError(f"model not found: {model}")
     from rdcd.fsutil import sha256, size_bytes
-    from rdcd.manifest import Manifest
+    from rdcd.validate.artifact_input import artifact_input
     from rdcd.validate.bench_checks import check_batch_memory
     from rdcd.validate.device import device_info, load_average
     from rdcd.validate.runtimes import load_runner
 
-    manifest, rows = Manifest.beside(model)
     runner = load_runner(model, runtime=args.runtime, threads=args.threads)
-    entry = pick_row(rows, getattr(runner, "name", args.runtime))
-    size, size_from = resolve_size(runner, model, args.size, manifest, entry)
+    given = artifact_input(model, runner, args.size)
+    entry, size, size_from = given.row, given.spec.size, given.source
     check_batch_memory(args.batch, size, model)
     batches, input_desc = make_inputs(size, args.batch, args.images, args.seed)
     out = runner(batches[0])

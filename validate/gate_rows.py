@@ -12,17 +12,9 @@ import numpy as np
 from rdcd.errors import MissingDependency, RdcdError, RuntimeUnavailable
 from rdcd.fsutil import artifact_files, artifact_sha256
 from rdcd.manifest import Artifact, Manifest, replace
-from rdcd.validate.bench_checks import check_fixed_size
+from rdcd.targets import RUNTIMES
 from rdcd.validate.gate_reference import (FAILED, NOT_CHECKABLE, OK, add_simulated, compare_with_reference,
                                           default_reference, drop_interval)
-
-
-def _spec_for(manifest: Manifest, art: Artifact):
-    """The artifact's input size and resize rule (normalisation is inside every artifact): the manifest's,
-    else the model file's own metadata."""
-    from rdcd.validate.models import artifact_spec
-
-    return manifest.spec(art) or artifact_spec(manifest.resolve(art))
 
 
 def _curve(metrics, points: int = 256) -> dict:
@@ -58,7 +50,8 @@ class Evaluator:
         :func:`~rdcd.fsutil.artifact_sha256` (two rows of the same files and runtime are measured once)."""
         from rdcd.validate.bench import measure_latency
         from rdcd.validate.evaluate import describe, evaluate_descriptors
-        from rdcd.validate.runtimes import load_runner, static_input_size
+        from rdcd.validate.artifact_input import artifact_input
+        from rdcd.validate.runtimes import load_runner
 
         cfg = self.cfg
         path = manifest.resolve(art)
@@ -66,8 +59,7 @@ class Evaluator:
         key = (content_key, runner.name)
         if key in self.cache:
             return {**self.cache[key], "cached": True, "predictions": self.predictions[key]}, runner.describe()
-        spec = _spec_for(manifest, art)
-        check_fixed_size(path, spec.size, static_input_size(runner), "manifest row")
+        spec = artifact_input(path, runner, manifest=manifest, row=art).spec  # checked against the model's shape
         t0 = time.perf_counter()
         desc = describe(self.bench, runner, spec, cfg.batch_size, with_training=cfg.whiten or bool(cfg.score_norm),
                         label=art.name)
@@ -124,7 +116,7 @@ def evaluate_manifest(bench, manifest: Manifest, cfg) -> dict:
                 what = "TensorRT engine" if art.runtime == "tensorrt" else "file"
                 row.update(status=FAILED, reason=f"{what} not found: {art.path} (the manifest says {art.status})")
             continue
-        runtime = art.runtime if art.runtime in ("onnxruntime", "openvino", "tensorrt", "coreml") else "auto"
+        runtime = art.runtime if art.runtime in RUNTIMES else "auto"
         t0 = time.perf_counter()
         try:
             meas, desc = ev.run(manifest, art, runtime, content_key)

@@ -35,6 +35,7 @@ from typing import Sequence
 
 from rdcd import cli
 from rdcd.errors import RdcdError
+from rdcd.targets import RUNTIMES
 from rdcd.validate.index import BACKGROUND_FILE, CODES, META_FILE, FaissStore, ivf_plan, new_meta, open_store, pq_subquantizers, \
     public_meta, read_meta
 from rdcd.validate.index_inputs import check_model, describe_folder, find_operating_point, list_folder, load_model, \
@@ -197,9 +198,9 @@ def build_parser() -> cli.ArgumentParser:
         s.add_argument("--model", required=required, default=None,
                        help="exported artifact or export folder" + ("" if required else " (default: the index's)"))
         s.add_argument("--artifact", default=None, help="row of an export folder's manifest (default onnx-fp32)")
-        s.add_argument("--runtime", default="auto", choices=("auto", "onnxruntime", "tensorrt", "coreml", "openvino"))
+        s.add_argument("--runtime", default="auto", choices=("auto", *RUNTIMES))
         s.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime and faiss")
-        s.add_argument("--size", type=int, default=None, help="input size when no manifest/metadata says it")
+        s.add_argument("--size", type=int, default=None, help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
         s.add_argument("--batch-size", type=int, default=32)
         s.add_argument("--log-every", type=int, default=1000, help="one progress line per N images (0: none)")
         s.add_argument("--images", required=True, help="image folder")

@@ -3,7 +3,6 @@ batched descriptors with progress, unreadable files skipped) and the gate's oper
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -45,22 +44,14 @@ def resolve_artifact(spec: str, name: str | None = None) -> Path:
 
 def load_model(args) -> tuple[object, object, dict]:
     """(runner, PreprocessSpec, model record with sha256) for ``--model``."""
-    from rdcd.preprocess import PreprocessSpec
     from rdcd.fsutil import artifact_sha256
-    from rdcd.manifest import Manifest
-    from rdcd.validate.bench import pick_row, resolve_size
+    from rdcd.validate.artifact_input import artifact_input
     from rdcd.validate.runtimes import load_runner
 
     path = resolve_artifact(args.model, getattr(args, "artifact", None))
-    manifest, rows = Manifest.beside(path)
     runner = load_runner(path, runtime=args.runtime, threads=args.threads)
-    entry = pick_row(rows, getattr(runner, "name", args.runtime))
-    size, _ = resolve_size(runner, path, args.size, manifest, entry)
-    pre = manifest.preprocess if manifest is not None else {}
-    if {"size", "mean", "std"} <= set(pre):
-        spec = PreprocessSpec.from_dict({**pre, "size": size})
-    else:
-        spec = PreprocessSpec(size=size)
+    given = artifact_input(path, runner, args.size)
+    manifest, entry, spec = given.manifest, given.row, given.spec
     record = {"path": str(path.resolve()), "name": path.name, "sha256": artifact_sha256(path),
               "artifact": entry.name if entry else None, "precision": entry.precision if entry else None,
               "runtime": getattr(runner, "name", args.runtime),
@@ -113,11 +104,13 @@ def _report_path(p: Path) -> Path:
 
 
 def _from_report(path: Path, sha: str) -> dict | None:
+    from rdcd.validate.report import load_report
+
     try:
-        rep = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RdcdError(f"cannot read gate report {path}: {exc}") from None
-    rows = [r for r in (rep.get("artifacts") or []) if isinstance(r, dict) and r.get("sha256") == sha]
+        _, rep = load_report(path)
+    except OSError as exc:
+        raise RdcdError(f"cannot read gate report {path}: {exc.strerror or exc}") from None
+    rows = [r for r in rep["artifacts"] if r.get("sha256") == sha]
     row = next((r for r in rows if isinstance(r.get("threshold_at_p90"), (int, float))), None)
     if row is None:
         return None

@@ -43,10 +43,11 @@ def build_parser() -> cli.ArgumentParser:
                     "Δ vs FP32, size, latency) and fail (exit 1) when an INT8 artifact loses too much µAP.")
     p.add_argument("--benchmark", required=True, help="DISC-layout benchmark folder (references/, queries/, ground_truth.csv)")
     p.add_argument("--exports", required=True, help="export directory with manifest.json (rdcd-export / rdcd-quantize)")
-    p.add_argument("--max-drop", type=float, default=MAX_DROP,
-                   help=f"largest allowed µAP drop of an INT8 artifact (default {MAX_DROP})")
-    p.add_argument("--drop-type", choices=DROP_TYPES, default="absolute",
-                   help="absolute: fp32 - int8 µAP; relative: (fp32 - int8) / fp32 (default absolute)")
+    d = GateConfig()  # the defaults, in one place
+    p.add_argument("--max-drop", type=float, default=d.max_drop,
+                   help=f"largest allowed µAP drop of an INT8 artifact (default {d.max_drop})")
+    p.add_argument("--drop-type", choices=DROP_TYPES, default=d.drop_type,
+                   help=f"absolute: fp32 - int8 µAP; relative: (fp32 - int8) / fp32 (default {d.drop_type})")
     p.add_argument("--require", action="append", default=[], choices=TARGETS, metavar="TARGET",
                    help=f"a target ({', '.join(TARGETS)}) that must be checked here: not checkable = failure (repeatable)")
     p.add_argument("--allow-empty", action="store_true",
@@ -55,13 +56,15 @@ def build_parser() -> cli.ArgumentParser:
                    help="write OUT/report.md, OUT/report.json, OUT/pr_curve.png, OUT/latency.png")
     p.add_argument("--bench-json", action="append", default=[], metavar="FILE",
                    help="rdcd-bench results from a device, merged as a latency column (repeatable)")
-    p.add_argument("--k", type=cli.positive_int, default=10, help="neighbours per query (ISC2021: 10)")
+    p.add_argument("--k", type=cli.positive_int, default=d.k, help=f"neighbours per query (ISC2021: {d.k})")
     p.add_argument("--whiten", action="store_true", help="PCA-whitening fitted on the benchmark's training/")
     p.add_argument("--score-norm", default=None, help="e.g. 1.0[0,2]: SSCD score normalisation on training/")
-    p.add_argument("--batch-size", type=cli.positive_int, default=32, help="batch size for descriptor extraction")
-    p.add_argument("--threads", type=cli.positive_int, default=2, help="CPU threads per runtime (default 2)")
-    p.add_argument("--latency-iters", type=cli.positive_int, default=100, help="timed batch-1 calls per artifact (default 100)")
-    p.add_argument("--warmup", type=cli.nonnegative_int, default=10, help="untimed calls before timing (default 10)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=d.batch_size, help="batch size for descriptor extraction")
+    p.add_argument("--threads", type=cli.positive_int, default=d.threads, help=f"CPU threads per runtime (default {d.threads})")
+    p.add_argument("--latency-iters", type=cli.positive_int, default=d.latency_iters,
+                   help=f"timed batch-1 calls per artifact (default {d.latency_iters})")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=d.warmup,
+                   help=f"untimed calls before timing (default {d.warmup})")
     return p
 
 

@@ -6,13 +6,12 @@
 * a training run directory or ``.safetensors`` file: the PyTorch student (imports torch)
 * ``student:BACKBONE[:DIM]``: an untrained student (offline ImageNet init where available)
 * an exported artifact (``.onnx``, ``.xml``, ``.engine``, ``.mlpackage``): its runtime, with the input
-  size from the export manifest beside it, the ONNX metadata, or ``size``
+  :func:`rdcd.validate.artifact_input.artifact_input` gives (the export manifest beside it, the ONNX metadata,
+  the fixed input shape, else ``size``)
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -55,7 +54,7 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
     if spec in ("teacher", "sscd-onnx") or spec.endswith((".pt", ".torchscript")):
         from rdcd.teacher import build_teacher
 
-        t = build_teacher("sscd-onnx" if spec == "teacher" else spec, size=size, device=device, threads=threads)
+        t = build_teacher(spec, size=size, device=device, threads=threads)
         return t.embed_uint8, PreprocessSpec(size=t.size), f"SSCD teacher ({t.kind}, {t.dim}-d)"
     if spec == "sscd-distilled":  # the MobileNetV4 peer shipped with the teacher: a baseline to beat, nothing more
         from rdcd.teacher import OnnxTeacher, sscd_onnx_path
@@ -88,38 +87,8 @@ def resolve_model(spec: str, size: int | None = None, runtime: str = "auto", thr
         student = load_student(path)
         cfg = load_config(path)
         return TorchEmbedder(student, device), student.config.preprocess(), f"pytorch {cfg['model']['backbone']}"
+    from rdcd.validate.artifact_input import artifact_input
     from rdcd.validate.runtimes import load_runner
 
-    from rdcd.validate.bench_checks import check_fixed_size
-    from rdcd.validate.runtimes import static_input_size
-
     runner = load_runner(path, runtime=runtime, threads=threads)
-    spec = artifact_spec(path, size)
-    check_fixed_size(path, spec.size, static_input_size(runner), "recorded input size")
-    return runner, spec, f"{runner.name} {path.name}"
-
-
-def artifact_spec(path: str | os.PathLike, size: int | None = None) -> PreprocessSpec:
-    """The preprocessing an exported artifact expects (its export manifest, then ONNX metadata, then ``size``)."""
-    from rdcd.manifest import Manifest
-
-    path = Path(path)
-    manifest, rows = Manifest.beside(path)
-    if manifest is not None:
-        spec = manifest.spec(rows[0] if rows else None)
-        if spec is not None:
-            return spec
-    if path.suffix == ".onnx":
-        try:
-            import onnx
-
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-            if "rdcd.preprocess" in meta:
-                return PreprocessSpec.from_dict(json.loads(meta["rdcd.preprocess"]))
-            if "input_size" in meta:
-                return PreprocessSpec(size=int(meta["input_size"]))
-        except ImportError:
-            pass
-    if size:
-        return PreprocessSpec(size=size)
-    raise RdcdError(f"cannot tell the input size of {path.name}: no manifest.json beside it; pass --size")
+    return runner, artifact_input(path, runner, default_size=size).spec, f"{runner.name} {path.name}"

@@ -12,11 +12,14 @@ import os
 import sys
 from pathlib import Path
 
+from rdcd.artifact import STATUS_ICON
 from rdcd.errors import MissingDependency, RdcdError
 from rdcd.validate.bench import device_label
 
 SCHEMA = "rdcd-gate-report/1"
-ICON = {"ok": "✅", "not_checkable": "❎", "failed": "❌"}
+ICON = STATUS_ICON
+#: statuses of reports written by earlier versions, read as today's
+LEGACY_STATUS = {"not_checked": "not_checkable"}
 HOST = "this machine"
 
 
@@ -57,6 +60,14 @@ def load_report(path: str | os.PathLike) -> tuple[Path, dict]:
         raise RdcdError(f"malformed {file}: {exc}") from None
     if not isinstance(report, dict) or report.get("schema") != SCHEMA or not isinstance(report.get("artifacts"), list):
         raise RdcdError(f"{file} is not an rdcd gate report ({SCHEMA})")
+    for i, row in enumerate(report["artifacts"]):
+        if not (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("path"), str)):
+            raise RdcdError(f"malformed {file}: artifact row {i} lacks a name or path")
+        status = LEGACY_STATUS.get(row.get("status"), row.get("status"))
+        if status not in ICON:
+            raise RdcdError(f"malformed {file}: artifact {row['name']!r} has status {row.get('status')!r}, not one of "
+                            f"{', '.join(ICON)}")
+        row["status"] = status
     return file.parent, report
 
 

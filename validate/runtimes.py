@@ -17,8 +17,6 @@ import numpy as np
 from rdcd.errors import MissingDependency, RdcdError
 from rdcd.validate.cuda import cuda_backend
 
-RUNTIMES = ("onnxruntime", "openvino", "tensorrt", "coreml")  # rdcd.targets.BY_RUNTIME's keys
-
 
 class Runner:
     name = "runner"
@@ -116,7 +114,7 @@ def load_runner(path: str | os.PathLike, runtime: str = "auto", threads: int | N
     path = Path(path)
     if not path.exists():
         raise RdcdError(f"model not found: {path}")
-    from rdcd.targets import BY_RUNTIME, for_file
+    from rdcd.targets import BY_RUNTIME, RUNTIMES, for_file
 
     if runtime == "auto":
         target = for_file(path.suffix)

@@ -11,7 +11,6 @@ threads (FP32 and INT8 interleaved, best of rounds). The offline SSCD teacher an
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -55,19 +54,18 @@ def _sizes(text: str) -> list[int]:
 def _student_point(checkpoint: str, size: int, out: Path, a) -> dict:
     from rdcd.export.api import Options, export
     from rdcd.export.source import student_source
-    from rdcd.manifest import Manifest
-    from rdcd.quantize.api import REPORT, AccuracyControl, QuantizeRecipe, quantize
+    from rdcd.quantize.api import AccuracyControl, QuantizeRecipe, quantize
 
     res = export(student_source(checkpoint, size=size), ["onnx"], out,
                  Options(threads=a.threads, command="rdcd-validate sweep"))
     if res.code:
         raise RdcdError(f"the ONNX export at {size} px failed its checks (see {out / 'manifest.json'})")
-    quantize(out, a.calib_dir, targets=("onnx",), recipe=QuantizeRecipe(calib_count=a.calib_count),
+    result = quantize(out, a.calib_dir, targets=("onnx",), recipe=QuantizeRecipe(calib_count=a.calib_count),
              accuracy=AccuracyControl(a.benchmark), with_tensorrt=False, codes=False, latency_iters=a.iters,
              threads=a.threads, raise_on_drop=False, command="rdcd-validate sweep")
-    art = Manifest.load(out).get("onnx-int8")
+    art = next(x for x in result.artifacts if x.name == "onnx-int8")
     acc = art.accuracy
-    lat = json.loads((out / REPORT).read_text())["latency"]
+    lat = result.report["latency"]
     fp32_ms, int8_ms = lat["fp32"]["p50_ms_best"], lat["int8"]["p50_ms_best"]
     return {"model": "student", "size": size, "fp32_micro_ap": acc.fp32_micro_ap, "int8_micro_ap": acc.micro_ap,
             "drop": acc.drop, "drop_ci95": acc.drop_ci95, "fp32_p50_ms": fp32_ms, "int8_p50_ms": int8_ms,
