@@ -119,6 +119,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json_text(obj))
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file rdcd reads (manifest, report, bench result, index): its value, or one line naming the file
+    (:class:`~rdcd.errors.RdcdError`, exit 2) when it is not JSON or cannot be read."""
+    from rdcd.errors import RdcdError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RdcdError(f"malformed {path}: {exc}") from None
+    except OSError as exc:
+        raise RdcdError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def _json_default(obj: Any):
     import numpy as np
 

@@ -66,7 +66,7 @@ from rdcd import __version__
 from rdcd.artifact import (COREML_SIMULATION, LAYOUT, PRECISIONS, QUANTIZED, STATUSES, TARGETS, Accuracy, Artifact, Input,
                            Output, ProducedBy, _Row, artifact_name, layout_path)
 from rdcd.errors import RdcdError
-from rdcd.fsutil import write_json
+from rdcd.fsutil import read_json, write_json
 
 __all__ = ["MANIFEST", "TARGETS", "PRECISIONS", "QUANTIZED", "STATUSES", "LAYOUT", "COREML_SIMULATION", "MAX_DROP", "DROP_TYPES",
            "Accuracy", "Artifact", "Input", "Output", "ProducedBy", "Source", "Manifest", "artifact_name",
@@ -254,13 +254,7 @@ class Manifest:
             raise RdcdError(f"export directory not found: {directory}")
         if not path.exists():
             raise RdcdError(f"no {MANIFEST} in {directory}: run rdcd-export first")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RdcdError(f"malformed {path}: {exc}") from None
-        except OSError as exc:
-            raise RdcdError(f"cannot read {path}: {exc.strerror or exc}") from None
-        return cls.from_dict(directory, data, path)
+        return cls.from_dict(directory, read_json(path), path)
 
     @classmethod
     def load_or_new(cls, directory: str | os.PathLike) -> "Manifest":

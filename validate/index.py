@@ -32,7 +32,6 @@ keeps its centroids / ranges when references are added later (``trained_on`` in 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -42,6 +41,7 @@ from typing import Sequence
 import numpy as np
 
 from rdcd.errors import RdcdError
+from rdcd.fsutil import read_json
 from rdcd.validate.index_ids import IdTable
 
 log = logging.getLogger(__name__)
@@ -133,10 +133,7 @@ def read_meta(folder: str | os.PathLike) -> dict:
         raise RdcdError(f"index not found: {folder}")
     if not path.is_file():
         raise RdcdError(f"{folder} is not an rdcd index (no {META_FILE}): build one with rdcd-index build")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        raise RdcdError(f"malformed {path}: {exc}") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
         raise RdcdError(f"{path} is not an {SCHEMA} index (schema {meta.get('schema') if isinstance(meta, dict) else '?'})")
     missing = [k for k in ("backend", "model", "dim", "codes", "preprocess", "ids") if k not in meta]

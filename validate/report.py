@@ -7,13 +7,13 @@ so ``rdcd-validate merge`` can add device columns later without re-running the e
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
 from rdcd.artifact import STATUS_ICON
 from rdcd.errors import MissingDependency, RdcdError
+from rdcd.fsutil import read_json
 from rdcd.validate.bench import device_label
 
 SCHEMA = "rdcd-gate-report/1"
@@ -35,10 +35,7 @@ def load_bench_json(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise RdcdError(f"bench JSON not found: {path}")
-    try:
-        rec = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RdcdError(f"{path} is not valid JSON: {exc}") from None
+    rec = read_json(path)
     if not isinstance(rec, dict) or not str(rec.get("schema", "")).startswith("rdcd-bench/"):
         raise RdcdError(f"{path} is not an rdcd-bench result (no 'schema': 'rdcd-bench/1')")
     lat, model = rec.get("latency_ms"), rec.get("model")
@@ -54,10 +51,7 @@ def load_report(path: str | os.PathLike) -> tuple[Path, dict]:
     file = path / "report.json" if path.is_dir() else path
     if not file.is_file():
         raise RdcdError(f"no gate report at {path} (expected a folder with report.json from rdcd-validate --report)")
-    try:
-        report = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RdcdError(f"malformed {file}: {exc}") from None
+    report = read_json(file)
     if not isinstance(report, dict) or report.get("schema") != SCHEMA or not isinstance(report.get("artifacts"), list):
         raise RdcdError(f"{file} is not an rdcd gate report ({SCHEMA})")
     for i, row in enumerate(report["artifacts"]):
