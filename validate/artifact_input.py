@@ -1,9 +1,10 @@
 """Which input an exported artifact takes: the one answer for every command that runs one (``rdcd-validate eval``
 and ``gate``, ``rdcd-bench``, ``rdcd-index``, ``rdcd-quantize``). **No torch.**
 
-In order: ``--size`` when given, the export manifest's row (:meth:`rdcd.manifest.Manifest.spec`), the ``rdcd.*``
-metadata rdcd-export writes into an ONNX file, the model's static input shape. Whatever answers is checked
-against a static input shape, so a manifest or flag that contradicts the file is bad input, never a wrong run.
+In order: ``--size`` when given (rdcd-bench, rdcd-index), the export manifest's row
+(:meth:`rdcd.manifest.Manifest.spec`), the ``rdcd.*`` metadata rdcd-export writes into an ONNX file, the model's
+static input shape, then a default size (``rdcd-validate eval --size``). Whatever answers is checked against a
+static input shape, so a manifest or flag that contradicts the file is bad input, never a wrong run.
 """
 
 from __future__ import annotations
