@@ -99,7 +99,8 @@ _TARGETS = (
 )
 #: every target, in :data:`rdcd.artifact.TARGETS` order (export and quantize run them in this order: the others
 #: are converted from, built from or checked against ONNX); a target of the layout without an entry fails here
-REGISTRY: dict[str, Target] = {name: {t.name: t for t in _TARGETS}[name] for name in TARGETS}
+_BY_NAME = {t.name: t for t in _TARGETS}
+REGISTRY: dict[str, Target] = {name: _BY_NAME[name] for name in TARGETS}
 
 #: runtime name -> its target (``--runtime`` choices)
 BY_RUNTIME: dict[str, Target] = {t.runtime: t for t in REGISTRY.values()}
