@@ -9,7 +9,8 @@ when ``--images`` is given. ::
                [--batch-size 1] [--warmup 20] [--iters 200] [--threads N] [--size S] [--images DIR] [--label TEXT]
 
 The input size is :func:`rdcd.validate.artifact_input.artifact_input`'s (``--size``, else the ``manifest.json``
-beside the model or one folder up, else the ONNX metadata, else the runtime's static input shape). Inputs are random uint8 RGB images (fixed seed) or real ones from ``--images``.
+beside the model or one folder up, else the ONNX metadata, else the runtime's static input shape). Inputs are
+random uint8 RGB images (fixed seed) or real ones from ``--images``.
 
 Measured per call of the runner (a batch of ``--batch-size`` images, host arrays in and out, so for GPU
 runtimes the copies are included): latency percentiles p50/p90/p99 (ms), mean, min, max, and
@@ -181,7 +182,8 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--iters", type=cli.positive_int, default=200, help="timed calls (default 200)")
     p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads for onnxruntime/OpenVINO (default: runtime's)")
-    p.add_argument("--size", type=_input_size, default=None, help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
+    p.add_argument("--size", type=_input_size, default=None,
+                   help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
     p.add_argument("--images", default=None, help="folder of real images to feed (default: random uint8 images)")
     p.add_argument("--label", default=None, help="device column title in reports (default: board or CPU / runtime)")
     p.add_argument("--seed", type=int, default=0)

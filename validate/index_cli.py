@@ -200,7 +200,8 @@ def build_parser() -> cli.ArgumentParser:
         s.add_argument("--artifact", default=None, help="row of an export folder's manifest (default onnx-fp32)")
         s.add_argument("--runtime", default="auto", choices=("auto", *RUNTIMES))
         s.add_argument("--threads", type=int, default=None, help="CPU threads of the runtime and faiss")
-        s.add_argument("--size", type=int, default=None, help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
+        s.add_argument("--size", type=int, default=None,
+                       help="input size (default: the manifest's, the model's metadata or its fixed input shape)")
         s.add_argument("--batch-size", type=int, default=32)
         s.add_argument("--log-every", type=int, default=1000, help="one progress line per N images (0: none)")
         s.add_argument("--images", required=True, help="image folder")

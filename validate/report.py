@@ -11,13 +11,12 @@ import os
 import sys
 from pathlib import Path
 
-from rdcd.artifact import STATUS_ICON
+from rdcd.artifact import STATUS_ICON, STATUSES
 from rdcd.errors import MissingDependency, RdcdError
 from rdcd.fsutil import read_json
 from rdcd.validate.bench import device_label
 
 SCHEMA = "rdcd-gate-report/1"
-ICON = STATUS_ICON
 #: statuses of reports written by earlier versions, read as today's
 LEGACY_STATUS = {"not_checked": "not_checkable"}
 HOST = "this machine"
@@ -58,9 +57,9 @@ def load_report(path: str | os.PathLike) -> tuple[Path, dict]:
         if not (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("path"), str)):
             raise RdcdError(f"malformed {file}: artifact row {i} lacks a name or path")
         status = LEGACY_STATUS.get(row.get("status"), row.get("status"))
-        if status not in ICON:
+        if status not in STATUSES:
             raise RdcdError(f"malformed {file}: artifact {row['name']!r} has status {row.get('status')!r}, not one of "
-                            f"{', '.join(ICON)}")
+                            f"{', '.join(STATUSES)}")
         row["status"] = status
     return file.parent, report
 
@@ -192,7 +191,7 @@ def table(report: dict) -> tuple[list[str], list[list[str]]]:
     for r in report["artifacts"]:
         lat = r.get("latency") or {}
         sim = " (sim.)" if r.get("simulated") else ""
-        cells = [ICON[r["status"]], r["name"], r["target"], r["precision"], _runtime(r),
+        cells = [STATUS_ICON[r["status"]], r["name"], r["target"], r["precision"], _runtime(r),
                  (_f(r.get("micro_ap")) + sim) if r.get("micro_ap") is not None else "—",
                  _f(r.get("recall_at_p90")), _delta(r, drop_type), _size(r.get("size_bytes")),
                  _ms(lat.get("p50_ms")), _ms(lat.get("p90_ms")), _ms(lat.get("p99_ms")),
@@ -215,7 +214,7 @@ def notes(report: dict) -> list[str]:
     for r in report["artifacts"]:
         parts = ([r["reason"]] if r.get("reason") else []) + list(r.get("notes") or [])
         if parts:
-            out.append(f"{ICON[r['status']]} {r['name']}: " + "; ".join(parts))
+            out.append(f"{STATUS_ICON[r['status']]} {r['name']}: " + "; ".join(parts))
     return out
 
 
